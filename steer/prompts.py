@@ -50,9 +50,7 @@ def _tokenizer_of(model_or_tokenizer: Any) -> Any:
     return tokenizer
 
 
-def tokenize(
-    model_or_tokenizer: Any, texts: str | Sequence[str], *, padding_side: str = "left"
-) -> Tokens:
+def tokenize(model_or_tokenizer: Any, texts: str | Sequence[str], *, padding_side: str = "left") -> Tokens:
     """Tokenize one text or a batch, padded on ``padding_side``, following the BOS policy above.
 
     Left padding (the default) keeps every row's last real token in the last column, which is what
@@ -100,9 +98,7 @@ def chat_prompt(
     """
     tokenizer = _tokenizer_of(model_or_tokenizer)
     if not getattr(tokenizer, "chat_template", None):
-        raise SteerValueError(
-            "This tokenizer has no chat template; format the prompt as plain text instead."
-        )
+        raise SteerValueError("This tokenizer has no chat template; format the prompt as plain text instead.")
     messages = [] if system is None else [{"role": "system", "content": system}]
     messages.append({"role": "user", "content": user})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
