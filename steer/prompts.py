@@ -10,8 +10,14 @@ bridge's ``default_prepend_bos`` to match, so ``model.to_tokens(text)`` agrees w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,3 +109,131 @@ def chat_prompt(
     messages.append({"role": "user", "content": user})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + (assistant or "")
+
+
+@dataclass(frozen=True)
+class ContrastivePair:
+    """Two texts that differ in the concept to extract: ``positive`` has it, ``negative`` has its opposite.
+
+    read: where to read each text. ``None`` uses the extractor's ``positions``; an int is a token index
+        (negative counts from the end, ``-1`` the last token); a str is a substring of both texts whose
+        tokens are averaged (its last occurrence).
+    """
+
+    positive: str
+    negative: str
+    read: int | str | None = None
+
+
+def pairs_from(data: Iterable[Any]) -> list[ContrastivePair]:
+    """Pairs from ``ContrastivePair`` objects, ``(positive, negative)`` tuples or dicts with those keys."""
+    pairs = []
+    for i, item in enumerate(data):
+        if isinstance(item, ContrastivePair):
+            pair = item
+        elif isinstance(item, dict):
+            missing = {"positive", "negative"} - item.keys()
+            if missing:
+                raise SteerValueError(
+                    f"Pair {i} lacks {sorted(missing)}; each pair needs 'positive' and 'negative'."
+                )
+            pair = ContrastivePair(item["positive"], item["negative"], _read_value(item.get("read")))
+        elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
+            pair = ContrastivePair(*item)
+        else:
+            raise SteerTypeError(f"Pair {i} is a {type(item).__name__}; use (positive, negative) or a dict.")
+        if not isinstance(pair.positive, str) or not isinstance(pair.negative, str):
+            raise SteerTypeError(f"Pair {i}'s texts must be strings.")
+        if pair.positive == pair.negative:
+            raise SteerValueError(
+                f"Pair {i} has the same text on both sides ({pair.positive[:60]!r}), so it carries no contrast; "
+                "fix or drop it."
+            )
+        pairs.append(pair)
+    if not pairs:
+        raise SteerValueError("The pair list is empty; give at least one (positive, negative) pair.")
+    return pairs
+
+
+def load_pairs(path: str | os.PathLike) -> list[ContrastivePair]:
+    """Pairs from a ``.jsonl`` file (one object per line) or a ``.csv`` file with a header row.
+
+    Both use the fields ``positive``, ``negative`` and optionally ``read``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SteerValueError(f"No such pair file: {path}.")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise SteerValueError(f"{path}:{n} is not valid JSON: {err.msg}.") from None
+        return pairs_from(rows)
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return pairs_from(csv.DictReader(f))
+    raise SteerValueError(f"{path} is neither .jsonl nor .csv; pair files use one of those.")
+
+
+def example_pairs(name: str) -> list[ContrastivePair]:
+    """A small pair set shipped with steer: ``"sentiment"`` or ``"formality"``."""
+    path = resources.files("steer") / "data" / f"{name}.jsonl"
+    if not path.is_file():
+        known = sorted(p.name.removesuffix(".jsonl") for p in (resources.files("steer") / "data").iterdir())
+        raise SteerValueError(f"No example pair set {name!r}; there are {', '.join(known)}.")
+    with resources.as_file(path) as real:
+        return load_pairs(real)
+
+
+def ab_pairs(
+    model_or_tokenizer: Any, items: Iterable[dict[str, str]], *, system: str | None = None
+) -> list[ContrastivePair]:
+    """CAA-style A/B items as chat-formatted pairs read at the answer letter.
+
+    Each item is ``{"question": ..., "answer_matching_behavior": "(A)", "answer_not_matching_behavior":
+    "(B)"}``, the question listing the choices. The positive text is the question followed by the start
+    of the matching answer, ``"(A"``; the negative ends in the other letter. Both are read at their last
+    token, the letter.
+    """
+    pairs = []
+    for i, item in enumerate(items):
+        try:
+            question = item["question"]
+            yes, no = item["answer_matching_behavior"], item["answer_not_matching_behavior"]
+        except (KeyError, TypeError):
+            raise SteerValueError(
+                f"A/B item {i} needs 'question', 'answer_matching_behavior' and 'answer_not_matching_behavior'."
+            ) from None
+        prompt = chat_prompt(model_or_tokenizer, question, system=system)
+        pairs.append(ContrastivePair(prompt + _letter(yes), prompt + _letter(no), read=-1))
+    return pairs_from(pairs)
+
+
+def token_span(model_or_tokenizer: Any, text: str, substring: str) -> slice:
+    """Token indices covering the last occurrence of ``substring`` in ``text`` (BOS policy as ``tokenize``)."""
+    tokenizer = _tokenizer_of(model_or_tokenizer)
+    start = text.rfind(substring)
+    if start < 0 or not substring:
+        raise SteerValueError(f"{substring!r} does not occur in {text[:80]!r}; pick a span of the text.")
+    end = start + len(substring)
+    offsets = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+    hit = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+    return slice(hit[0], hit[-1] + 1)
+
+
+def _letter(answer: str) -> str:
+    """``"(A)"`` -> ``"(A"``: the answer up to and including its letter, so the letter is the last token."""
+    answer = answer.strip()
+    return answer[:-1] if answer.endswith(")") else answer
+
+
+def _read_value(value: Any) -> int | str | None:
+    """CSV cells are strings: an integer-looking ``read`` is an index."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    return value

@@ -25,3 +25,31 @@ def hf_smollm(smollm):
     entry = steer_model.gguf_cache_entry(steer_model.embedded_gguf_path())
     model = AutoModelForCausalLM.from_pretrained(entry, dtype=torch.float32, attn_implementation="eager")
     return model.eval().requires_grad_(False)
+
+
+def layer_outputs(hf, tokenizer, texts, layer, reduce="last"):
+    """The oracle: each text run alone through a plain Hugging Face model, with a plain PyTorch forward
+    hook on decoder layer ``layer`` (= TransformerLens ``blocks.{layer}.hook_resid_post``). ``[n, d]``."""
+    captured = []
+
+    def hook(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = hf.model.layers[layer].register_forward_hook(hook)
+    rows = []
+    try:
+        for text in texts:
+            captured.clear()
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            with torch.no_grad():
+                hf(input_ids=ids)
+            h = captured[0][0]  # [pos, d]
+            rows.append(h[-1] if reduce == "last" else h.mean(dim=0) if reduce == "mean" else h[reduce])
+    finally:
+        handle.remove()
+    return torch.stack(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return steer_model.tiny("llama", n_layers=3, d_model=64, n_heads=4, seed=0)
