@@ -112,8 +112,7 @@ def _mean_diff(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 def _scaled(unit: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """``unit`` signed towards the positive side and scaled by the mean difference's projection on it."""
-    along = torch.dot(_mean_diff(pos, neg), unit)
-    return unit * along if along >= 0 else -unit * along
+    return unit * torch.dot(_mean_diff(pos, neg), unit)
 
 
 def _pca(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

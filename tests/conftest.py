@@ -53,3 +53,9 @@ def layer_outputs(hf, tokenizer, texts, layer, reduce="last"):
 @pytest.fixture(scope="session")
 def tiny_llama():
     return steer_model.tiny("llama", n_layers=3, d_model=64, n_heads=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sentiment(smollm):
+    """A mean-difference sentiment vector from the shipped pairs (40 of them), at a few middle layers."""
+    return steer.extract(smollm, steer.example_pairs("sentiment"), [6, 10, 12])
