@@ -31,7 +31,7 @@ lint: setup
 	$(VENV)/bin/ruff check steer tests benchmarks examples
 
 bench: setup
-	$(PY) benchmarks/bench_load.py
+	cd benchmarks && for b in bench_*.py; do ../$(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -95,6 +95,7 @@ def generate(
     top_k: int | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    stop_at_eos: bool = True,
 ) -> Generations:
     """Generate from every prompt, steered and (with ``compare``) unsteered, as one batched generation.
 
@@ -102,7 +103,8 @@ def generate(
     per coefficient, all rows in one batch with per-row coefficients. With ``Intervention`` objects
     (each with its own coefficient), each prompt is generated steered by all of them. ``chat=True``
     wraps each prompt in the model's chat template first. Greedy by default; with ``do_sample`` a
-    ``seed`` makes the samples repeatable without touching the global random state.
+    ``seed`` makes the samples repeatable without touching the global random state. Rows stop at EOS
+    unless ``stop_at_eos=False``, which always generates ``max_new_tokens`` tokens.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -169,13 +171,14 @@ def generate(
             top_p=top_p,
             top_k=top_k,
             use_past_kv_cache=use_cache,
+            stop_at_eos=stop_at_eos,
             return_type="tokens",
             verbose=False,
         )
     eos = model.tokenizer.eos_token_id
     results = []
     for (prompt, _, variant), row in zip(rows, out[:, batch.tokens.shape[1] :].tolist()):
-        row = row[: row.index(eos)] if eos in row else row
+        row = row[: row.index(eos)] if stop_at_eos and eos in row else row
         coeff = float(variant) if vectors and variant is not None else None
         text = model.tokenizer.decode(row, skip_special_tokens=True)
         results.append(Generation(prompt, variant is not None, coeff, text))
