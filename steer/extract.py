@@ -32,6 +32,7 @@ def extract(
     method: str = "mean_diff",
     positions: Selector = "last",
     hook: str = "resid_post",
+    padding_side: str = "left",
     batch_size: int = 32,
     progress: bool | None = None,
 ) -> SteeringVector:
@@ -49,6 +50,7 @@ def extract(
         positions: where to read each text when its pair has no ``read`` of its own; see
             ``steer.positions`` (default ``"last"``: the final token).
         hook: ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, or a template with ``{layer}``.
+        padding_side: how batches are padded; positions count real tokens, so the vector is the same.
         batch_size: texts per forward pass.
     """
     pairs = pairs_from(pairs)
@@ -72,7 +74,7 @@ def extract(
     reads = [_read_for(model, p, p.positive, positions) for p in pairs]
     reads += [_read_for(model, p, p.negative, positions) for p in pairs]
     per_pair = any(p.read is not None for p in pairs)
-    batch = tokenize(model, texts)
+    batch = tokenize(model, texts, padding_side=padding_side)
     names = [template.format(layer=layer) for layer in layers]
     acts = read(
         model, batch, names, reads if per_pair else positions, batch_size=batch_size, progress=progress

@@ -9,10 +9,11 @@ import steer
 PAIRS = steer.example_pairs("sentiment")[:8]
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("batch_size", [1, 8])
-def test_mean_difference_equals_a_hand_computation(smollm, hf_smollm, batch_size):
+def test_mean_difference_equals_a_hand_computation(smollm, hf_smollm, batch_size, side):
     layers = [3, 12]
-    vector = steer.extract(smollm, PAIRS, layers, batch_size=batch_size)
+    vector = steer.extract(smollm, PAIRS, layers, batch_size=batch_size, padding_side=side)
     for layer in layers:
         pos = layer_outputs(hf_smollm, smollm.tokenizer, [p.positive for p in PAIRS], layer)
         neg = layer_outputs(hf_smollm, smollm.tokenizer, [p.negative for p in PAIRS], layer)
