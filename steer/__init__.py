@@ -1,24 +1,40 @@
 """steer: activation steering for PyTorch language models on TransformerLens."""
 
 from steer.errors import SteerError, SteerTypeError, SteerValueError
+from steer.evaluate import (
+    ab_behaviour,
+    completion_behaviour,
+    layer_scan,
+    neutral_text,
+    projections,
+    score,
+    score_generations,
+    side_effects,
+    sweep,
+)
 from steer.extract import extract
 from steer.generate import Generation, Generations, generate
 from steer.hooks import read
 from steer.model import load_model
 from steer.prompts import (
+    ABItem,
     ContrastivePair,
     Tokens,
+    ab_items,
     ab_pairs,
     chat_prompt,
+    example_ab_items,
     example_pairs,
     load_pairs,
     pairs_from,
+    split,
     tokenize,
 )
 from steer.steering import Intervention, steering
 from steer.vector import SteeringVector
 
 __all__ = [
+    "ABItem",
     "ContrastivePair",
     "Generation",
     "Generations",
@@ -28,15 +44,27 @@ __all__ = [
     "SteerValueError",
     "SteeringVector",
     "Tokens",
+    "ab_behaviour",
+    "ab_items",
     "ab_pairs",
     "chat_prompt",
+    "completion_behaviour",
+    "example_ab_items",
     "example_pairs",
     "extract",
     "generate",
+    "layer_scan",
     "load_model",
     "load_pairs",
+    "neutral_text",
     "pairs_from",
+    "projections",
     "read",
+    "score",
+    "score_generations",
+    "side_effects",
+    "split",
     "steering",
+    "sweep",
     "tokenize",
 ]

@@ -252,3 +252,80 @@ def _trim(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
     """Drop the columns that are padding in every row of a chunk."""
     used = mask.any(dim=0).nonzero().flatten()
     return tokens[:, used[0] : used[-1] + 1], mask[:, used[0] : used[-1] + 1]
+
+
+@dataclass
+class Trunk:
+    """One unsteered forward pass, kept so that the rest of the model can be re-run from any layer.
+
+    A steering edit at ``blocks.L.hook_resid_post`` leaves blocks ``0..L`` untouched, so a sweep over
+    coefficients need only re-run blocks ``L+1..`` from the kept residual stream: ``resume``.
+
+    logits: ``[batch, pos, d_vocab]`` of the unsteered pass. resid: ``{layer: [batch, pos, d_model]}``.
+    state: the pass's ``CallState``. block_kwargs: what the model handed its decoder blocks (causal mask,
+    rotary embeddings, positions) for this batch.
+    """
+
+    logits: torch.Tensor
+    resid: dict[int, torch.Tensor]
+    state: CallState
+    block_kwargs: dict
+
+
+def trunk(model, batch: Tokens, layers: Sequence[int]) -> Trunk:
+    """Run ``batch`` once, unsteered, keeping ``blocks.{L}.hook_resid_post`` for each of ``layers``."""
+    resid: dict[int, torch.Tensor] = {}
+    captured: dict = {}
+
+    def keep(layer: int) -> HookFn:
+        def fn(h: torch.Tensor, state: CallState) -> None:
+            resid[layer] = h
+            captured["state"] = state
+
+        return fn
+
+    def block_inputs(module, args, kwargs) -> None:
+        # The cache object is mutated as blocks run; a replay must not extend it.
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+
+    device = next(model.parameters()).device
+    handle = model.blocks[0].register_forward_pre_hook(block_inputs, with_kwargs=True)
+    try:
+        with (
+            torch.no_grad(),
+            attach(model, [(f"blocks.{layer}.hook_resid_post", keep(layer)) for layer in layers], "read"),
+        ):
+            logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device))
+    finally:
+        handle.remove()
+    return Trunk(logits, resid, captured["state"], captured["kwargs"])
+
+
+def resume(model, kept: Trunk, layer: int, resid: torch.Tensor) -> torch.Tensor:
+    """Run blocks ``layer+1..`` from ``resid`` (``[k * batch, pos, d_model]``: the trunk's rows, repeated
+    ``k`` times) and return the final residual stream, before the final norm."""
+    repeat = resid.shape[0] // kept.state.batch
+    kwargs = _repeat_rows(kept.block_kwargs, kept.state.batch, repeat)
+    x = resid
+    with torch.no_grad():
+        for block in model.blocks[layer + 1 :]:
+            out = block(x, **kwargs)
+            x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
+def _repeat_rows(value, batch: int, repeat: int):
+    """Tile every tensor whose first dimension is the batch ``repeat`` times along it (others unchanged)."""
+    if repeat == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return (
+            value.repeat(repeat, *([1] * (value.ndim - 1)))
+            if value.ndim and value.shape[0] == batch
+            else value
+        )
+    if isinstance(value, tuple):
+        return tuple(_repeat_rows(v, batch, repeat) for v in value)
+    if isinstance(value, dict):
+        return {k: _repeat_rows(v, batch, repeat) for k, v in value.items()}
+    return value

@@ -116,13 +116,13 @@ class ContrastivePair:
     """Two texts that differ in the concept to extract: ``positive`` has it, ``negative`` has its opposite.
 
     read: where to read each text. ``None`` uses the extractor's ``positions``; an int is a token index
-        (negative counts from the end, ``-1`` the last token); a str is a substring of both texts whose
-        tokens are averaged (its last occurrence).
+        (negative counts from the end, ``-1`` the last token); a slice averages those tokens; a str is a
+        substring of both texts whose tokens are averaged (its last occurrence).
     """
 
     positive: str
     negative: str
-    read: int | str | None = None
+    read: int | str | slice | None = None
 
 
 def pairs_from(data: Iterable[Any]) -> list[ContrastivePair]:
@@ -180,26 +180,38 @@ def load_pairs(path: str | os.PathLike) -> list[ContrastivePair]:
 
 def example_pairs(name: str) -> list[ContrastivePair]:
     """A small pair set shipped with steer: ``"sentiment"`` or ``"formality"``."""
-    path = resources.files("steer") / "data" / f"{name}.jsonl"
-    if not path.is_file():
-        known = sorted(p.name.removesuffix(".jsonl") for p in (resources.files("steer") / "data").iterdir())
-        raise SteerValueError(f"No example pair set {name!r}; there are {', '.join(known)}.")
-    with resources.as_file(path) as real:
+    with resources.as_file(_data_file(name, ".jsonl", exclude="_ab")) as real:
         return load_pairs(real)
 
 
-def ab_pairs(
-    model_or_tokenizer: Any, items: Iterable[dict[str, str]], *, system: str | None = None
-) -> list[ContrastivePair]:
-    """CAA-style A/B items as chat-formatted pairs read at the answer letter.
+@dataclass(frozen=True)
+class ABItem:
+    """A multiple-choice behaviour question (CAA format): the question lists the choices; ``matching`` is
+    the letter of the answer showing the behaviour, ``not_matching`` the other one."""
 
-    Each item is ``{"question": ..., "answer_matching_behavior": "(A)", "answer_not_matching_behavior":
-    "(B)"}``, the question listing the choices. The positive text is the question followed by the start
-    of the matching answer, ``"(A"``; the negative ends in the other letter. Both are read at their last
-    token, the letter.
-    """
-    pairs = []
+    question: str
+    matching: str
+    not_matching: str
+
+    def choice(self, letter: str) -> str:
+        """The text of choice ``letter``, from the question's ``(A) ...`` lines."""
+        match = re.search(rf"^\s*\({re.escape(letter)}\)\s*(.+?)\s*$", self.question, re.MULTILINE)
+        if match is None:
+            raise SteerValueError(
+                f"The question does not list a choice '({letter}) ...' on its own line, so its text is unknown: "
+                f"{self.question[:80]!r}."
+            )
+        return match.group(1)
+
+
+def ab_items(items: Iterable[Any]) -> list[ABItem]:
+    """A/B items from ``ABItem`` objects or CAA dicts ``{"question", "answer_matching_behavior": "(A)",
+    "answer_not_matching_behavior": "(B)"}``."""
+    out = []
     for i, item in enumerate(items):
+        if isinstance(item, ABItem):
+            out.append(item)
+            continue
         try:
             question = item["question"]
             yes, no = item["answer_matching_behavior"], item["answer_not_matching_behavior"]
@@ -207,9 +219,68 @@ def ab_pairs(
             raise SteerValueError(
                 f"A/B item {i} needs 'question', 'answer_matching_behavior' and 'answer_not_matching_behavior'."
             ) from None
-        prompt = chat_prompt(model_or_tokenizer, question, system=system)
-        pairs.append(ContrastivePair(prompt + _letter(yes), prompt + _letter(no), read=-1))
+        yes, no = _letter(yes), _letter(no)
+        if yes == no:
+            raise SteerValueError(f"A/B item {i} gives the same answer letter {yes!r} on both sides.")
+        out.append(ABItem(question, yes, no))
+    if not out:
+        raise SteerValueError("The item list is empty; give at least one A/B item.")
+    return out
+
+
+def example_ab_items(name: str = "cheerful") -> list[ABItem]:
+    """A/B items shipped with steer: ``"cheerful"`` (answers cheerfully rather than gloomily; 44 items,
+    the matching letter alternating between A and B)."""
+    path = _data_file(f"{name}_ab", ".jsonl")
+    with resources.as_file(path) as real:
+        lines = real.read_text(encoding="utf-8").splitlines()
+    return ab_items(json.loads(line) for line in lines if line.strip())
+
+
+def ab_pairs(
+    model_or_tokenizer: Any, items: Iterable[Any], *, system: str | None = None, answer: str = "letter"
+) -> list[ContrastivePair]:
+    """A/B items as chat-formatted contrastive pairs.
+
+    ``answer="letter"`` (CAA): the question followed by the start of the matching answer, ``"(A"``, versus
+    the other letter, both read at the letter. ``answer="text"``: the question followed by the text of the
+    matching choice versus the other choice, each read as the mean over the answer's tokens; for models
+    too small to tie letters to choices.
+    """
+    pairs = []
+    for item in ab_items(items):
+        if answer == "letter":
+            prompt = chat_prompt(model_or_tokenizer, item.question, system=system, assistant="(")
+            pairs.append(ContrastivePair(prompt + item.matching, prompt + item.not_matching, read=-1))
+        elif answer == "text":
+            prompt = chat_prompt(model_or_tokenizer, item.question, system=system)
+            yes, no = item.choice(item.matching), item.choice(item.not_matching)
+            answer_start = _n_tokens(model_or_tokenizer, prompt)
+            pairs.append(ContrastivePair(prompt + yes, prompt + no, read=slice(answer_start, None)))
+        else:
+            raise SteerValueError(f"answer must be 'letter' or 'text', got {answer!r}.")
     return pairs_from(pairs)
+
+
+def _n_tokens(model_or_tokenizer: Any, text: str) -> int:
+    return len(_tokenizer_of(model_or_tokenizer)(text, add_special_tokens=True)["input_ids"])
+
+
+def split(items: Sequence[Any], test_fraction: float = 0.25, *, seed: int = 0) -> tuple[list, list]:
+    """Shuffle (seeded) and split any list of pairs or items into ``(train, test)``."""
+    if not 0 < test_fraction < 1:
+        raise SteerValueError(f"test_fraction must be between 0 and 1, got {test_fraction}.")
+    items = list(items)
+    n_test = round(len(items) * test_fraction)
+    if n_test < 1 or n_test >= len(items):
+        raise SteerValueError(
+            f"Splitting {len(items)} items with test_fraction={test_fraction} leaves one side empty; "
+            "use more items or another fraction."
+        )
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    test = sorted(order[:n_test])
+    train = sorted(order[n_test:])
+    return [items[i] for i in train], [items[i] for i in test]
 
 
 def token_span(model_or_tokenizer: Any, text: str, substring: str) -> slice:
@@ -225,9 +296,21 @@ def token_span(model_or_tokenizer: Any, text: str, substring: str) -> slice:
 
 
 def _letter(answer: str) -> str:
-    """``"(A)"`` -> ``"(A"``: the answer up to and including its letter, so the letter is the last token."""
-    answer = answer.strip()
-    return answer[:-1] if answer.endswith(")") else answer
+    """``"(A)"``, ``" (A"`` or ``"A"`` -> ``"A"``."""
+    return answer.strip().removeprefix("(").removesuffix(")").strip()
+
+
+def _data_file(name: str, suffix: str, exclude: str | None = None):
+    data = resources.files("steer") / "data"
+    path = data / f"{name}{suffix}"
+    if not path.is_file() or (exclude and exclude in name):
+        known = sorted(
+            p.name.removesuffix(suffix)
+            for p in data.iterdir()
+            if p.name.endswith(suffix) and not (exclude and exclude in p.name)
+        )
+        raise SteerValueError(f"No shipped data set {name!r}; there are {', '.join(known)}.")
+    return path
 
 
 def _read_value(value: Any) -> int | str | None:

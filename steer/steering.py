@@ -103,7 +103,7 @@ def steering(
         intervention.vector.check_model(model)
     param = next(model.parameters())
     hooks = [
-        (iv.vector.hook_name(layer), _hook(iv, layer, param.device, param.dtype))
+        (iv.vector.hook_name(layer), edit_fn(iv, layer, param.device, param.dtype))
         for iv in interventions
         for layer in iv.layer_list
     ]
@@ -111,7 +111,7 @@ def steering(
         yield
 
 
-def _hook(iv: Intervention, layer: int, device: torch.device, dtype: torch.dtype) -> HookFn:
+def edit_fn(iv: Intervention, layer: int, device: torch.device, dtype: torch.dtype) -> HookFn:
     """The hook applying ``iv`` at ``layer``; everything that does not depend on the call is done here, once."""
     direction = iv.vector.directions[layer].to(device=device, dtype=dtype)
     unit = direction / direction.norm().clamp_min(1e-12)

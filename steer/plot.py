@@ -1,0 +1,119 @@
+"""Figures (matplotlib) and token highlighting (HTML for notebooks, ANSI colours for terminals).
+
+matplotlib is imported only when a figure is drawn; it comes with the ``dev`` extra.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+
+def _pyplot():
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from steer.errors import SteerError
+
+        raise SteerError("Figures need matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def sweep_heatmap(sweep: Any, *, method: str | None = None, kl_max: float | None = 0.1, ax=None):
+    """Layer x coefficient heat map of the behaviour score; cells whose KL exceeds ``kl_max`` are hatched
+    and every cell is annotated with its KL. Returns the figure."""
+    plt = _pyplot()
+    layers, coeffs, scores = sweep.grid(method)
+    _, _, kls = sweep.grid(method, "kl")
+    fig, ax = (
+        (ax.figure, ax)
+        if ax is not None
+        else plt.subplots(figsize=(1.1 * len(coeffs) + 2, 0.45 * len(layers) + 1.6))
+    )
+    image = ax.imshow(
+        scores.numpy(), aspect="auto", cmap="RdBu_r" if scores.min() < 0 else "viridis", origin="lower"
+    )
+    fig.colorbar(image, ax=ax, label=sweep.behaviour)
+    ax.set_xticks(range(len(coeffs)), [f"{c:g}" for c in coeffs])
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_xlabel("coefficient")
+    ax.set_ylabel("layer")
+    for i in range(len(layers)):
+        for j in range(len(coeffs)):
+            kl = kls[i, j].item()
+            if math.isnan(kl):
+                continue
+            over = kl_max is not None and kl > kl_max
+            ax.text(
+                j, i, f"{kl:.2f}", ha="center", va="center", fontsize=7, color="white" if over else "black"
+            )
+            if over:
+                ax.add_patch(
+                    plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="grey", lw=0)
+                )
+    bound = f"; hatched: KL > {kl_max:g}" if kl_max is not None else ""
+    ax.set_title(f"{sweep.behaviour} (numbers: KL from unsteered{bound})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_curves(sweep: Any, *, method: str | None = None, ax=None):
+    """Behaviour score against coefficient, one curve per layer. Returns the figure."""
+    plt = _pyplot()
+    layers, coeffs, scores = sweep.grid(method)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 4))
+    colours = plt.cm.viridis([i / max(1, len(layers) - 1) for i in range(len(layers))])
+    for i, layer in enumerate(layers):
+        ax.plot(coeffs, scores[i].tolist(), marker="o", color=colours[i], label=f"layer {layer}")
+    ax.axhline(sweep.baseline, color="grey", lw=0.8, ls="--", label="unsteered")
+    ax.set_xlabel("coefficient")
+    ax.set_ylabel(sweep.behaviour)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def layer_scan(scan: Any, *, ax=None):
+    """Probe accuracy and separation per layer. Returns the figure."""
+    plt = _pyplot()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
+    ax.plot(scan.layers, scan.accuracy, marker="o", color="tab:blue", label="probe accuracy (held out)")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("accuracy", color="tab:blue")
+    twin = ax.twinx()
+    twin.plot(scan.layers, scan.separation, marker="s", color="tab:orange", label="separation (d')")
+    twin.set_ylabel("separation (d')", color="tab:orange")
+    ax.set_title(f"Where the concept is readable ({scan.folds}-fold CV, {scan.n_pairs} pairs)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _scale(values: list[float]) -> list[float]:
+    """Values mapped to [-1, 1] by the largest magnitude."""
+    top = max((abs(v) for v in values), default=0.0) or 1.0
+    return [v / top for v in values]
+
+
+def tokens_html(tokens: list[str], values: list[float]) -> str:
+    """Tokens on a red (negative) / blue (positive) background by value; hover shows the number."""
+    spans = []
+    for token, value, s in zip(tokens, values, _scale(values)):
+        rgb = "33, 102, 172" if s >= 0 else "178, 24, 43"
+        text = html.escape(token).replace("\n", "↵<br>")
+        spans.append(
+            f"<span title='{value:.3f}' style='background: rgba({rgb}, {abs(s):.2f}); "
+            f"padding: 1px 0; border-radius: 2px'>{text}</span>"
+        )
+    return "<div style='line-height: 1.8; font-family: monospace'>" + "".join(spans) + "</div>"
+
+
+def tokens_ansi(tokens: list[str], values: list[float]) -> str:
+    """Tokens with a 24-bit ANSI background: blue for positive, red for negative, stronger for larger."""
+    out = []
+    for token, s in zip(tokens, _scale(values)):
+        base = (33, 102, 172) if s >= 0 else (178, 24, 43)
+        r, g, b = (round(255 + (c - 255) * abs(s)) for c in base)
+        out.append(f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m{token}\x1b[0m")
+    return "".join(out)
