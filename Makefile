@@ -6,7 +6,7 @@ STAMP := $(VENV)/.steer-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench figures clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check steer tests benchmarks examples
+
+figures: setup
+	$(PY) examples/sweep_figure.py docs
 
 bench: setup
 	cd benchmarks && for b in bench_*.py; do ../$(PY) $$b || exit 1; done

@@ -251,7 +251,7 @@ def sweep(
     op: str = "add",
     relative: bool = False,
     positions: Selector = "all",
-    batch_size: int = 32,
+    batch_size: int = 64,
     progress: bool | None = None,
 ) -> Sweep:
     """Score ``behaviour`` and the side-effect cost at every (method, layer, coefficient).
@@ -303,9 +303,11 @@ def sweep(
     show = progress if progress is not None else True
     bar = tqdm(total=work * max(1, len(vectors) * len(grid_layers)), desc="sweep", disable=not show)
     for kind, plan in plans:
+        # Rows of similar length share a chunk, so little of each batch is padding; order is restored below.
+        order = sorted(range(len(plan.rows)), key=lambda r: len(plan.rows[r]))
         per_chunk = max(1, batch_size // max(1, len(steered)))
-        for start in range(0, len(plan.rows), per_chunk):
-            rows = range(start, min(start + per_chunk, len(plan.rows)))
+        for start in range(0, len(order), per_chunk):
+            rows = order[start : start + per_chunk]
             kept = trunk(model, plan.batch(model, rows), grid_layers)
             if kind == "behaviour":
                 unsteered_logp.append(plan.readout(model, kept.logits, rows))
@@ -316,8 +318,9 @@ def sweep(
                     bar.update(len(rows))
                     if not steered:
                         continue
-                    final = _resume_steered(model, kept, vector, layer, steered, op, relative, positions)
-                    logits = model.unembed(model.ln_final(final)) if kind == "neutral" else final
+                    with torch.inference_mode():
+                        final = _resume_steered(model, kept, vector, layer, steered, op, relative, positions)
+                        logits = model.unembed(model.ln_final(final)) if kind == "neutral" else final
                     for i, c in enumerate(steered):
                         part = slice(i * len(rows), (i + 1) * len(rows))
                         key = (name, layer, c)
@@ -329,21 +332,30 @@ def sweep(
                             kl, nll = reference.compare(logits[part], rows)
                             kls.setdefault(key, []).append(kl)
                             nlls.setdefault(key, []).append(nll)
+        restore = torch.argsort(torch.tensor(order))
+        for table in (logps, kls, nlls) if kind == "behaviour" else (kls, nlls):
+            for key, chunks in table.items():
+                if isinstance(chunks, list):
+                    table[key] = torch.cat(chunks)[restore.to(chunks[0].device)]
+        if kind == "behaviour":
+            unsteered_logp = torch.cat(unsteered_logp)[restore.to(unsteered_logp[0].device)]
+        else:
+            unsteered_nll = torch.cat(unsteered_nll)[restore.to(unsteered_nll[0].device)]
     bar.close()
 
-    unsteered = behaviour.reduce(plans[0][1].items(unsteered_logp))
-    base_ppl = math.exp(torch.cat(unsteered_nll).mean().item()) if unsteered_nll else None
+    unsteered = behaviour.reduce(plans[0][1].items([unsteered_logp]))
+    base_ppl = math.exp(unsteered_nll.mean().item()) if len(unsteered_nll) else None
     cells = []
     for name in vectors:
         for layer in grid_layers:
             for c in coeffs:
                 key = (name, layer, c)
                 if c == 0.0:
-                    per_item, kl, ppl = unsteered, (0.0 if unsteered_nll else None), base_ppl
+                    per_item, kl, ppl = unsteered, (0.0 if base_ppl else None), base_ppl
                 else:
-                    per_item = behaviour.reduce(plans[0][1].items(logps[key]))
-                    kl = torch.cat(kls[key]).mean().item() if key in kls else None
-                    ppl = math.exp(torch.cat(nlls[key]).mean().item()) if key in nlls else None
+                    per_item = behaviour.reduce(plans[0][1].items([logps[key]]))
+                    kl = kls[key].mean().item() if key in kls else None
+                    ppl = math.exp(nlls[key].mean().item()) if key in nlls else None
                 cells.append(Cell(name, layer, c, per_item.mean().item(), kl, ppl, per_item.tolist()))
     return Sweep(behaviour.name, cells, behaviour.items, unsteered.mean().item())
 

@@ -307,7 +307,7 @@ def resume(model, kept: Trunk, layer: int, resid: torch.Tensor) -> torch.Tensor:
     repeat = resid.shape[0] // kept.state.batch
     kwargs = _repeat_rows(kept.block_kwargs, kept.state.batch, repeat)
     x = resid
-    with torch.no_grad():
+    with torch.inference_mode():  # measurably faster than no_grad here, and nothing is trained on the result
         for block in model.blocks[layer + 1 :]:
             out = block(x, **kwargs)
             x = out[0] if isinstance(out, tuple) else out

@@ -229,7 +229,7 @@ def ab_items(items: Iterable[Any]) -> list[ABItem]:
 
 
 def example_ab_items(name: str = "cheerful") -> list[ABItem]:
-    """A/B items shipped with steer: ``"cheerful"`` (answers cheerfully rather than gloomily; 44 items,
+    """A/B items shipped with steer: ``"cheerful"`` (answers cheerfully rather than gloomily; 50 items,
     the matching letter alternating between A and B)."""
     path = _data_file(f"{name}_ab", ".jsonl")
     with resources.as_file(path) as real:
