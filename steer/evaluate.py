@@ -29,14 +29,16 @@ from tqdm.auto import tqdm
 from steer.errors import SteerError, SteerValueError
 from steer.extract import _probe
 from steer.generate import generate
-from steer.hooks import attach, read, resume, trunk
-from steer.positions import CallState, Selector
+from steer.hooks import attach, cache_rows, read, resume, trunk
+from steer.positions import CallState, Selector, is_per_row
 from steer.prompts import ContrastivePair, Tokens, ab_items, chat_prompt, pairs_from, tokenize
 from steer.steering import Intervention, edit_fn, steering
 from steer.vector import RESID_POST, SteeringVector
 
 DEFAULT_COEFFS = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)
 AB_NAME = "p(matching answer)"
+# A shared prefix shorter than this is not worth a separate pass.
+_MIN_PREFIX = 8
 
 
 def neutral_text() -> list[str]:
@@ -289,86 +291,130 @@ def sweep(
             "with steer.steering() and score()."
         )
 
-    plans = [("behaviour", _Plan.build(model, behaviour))]
+    steered = [c for c in coeffs if c != 0.0]
+    kw = dict(op=op, relative=relative, positions=positions)
+    plan = _Plan.build(model, behaviour)
+
+    def read_behaviour(out: torch.Tensor, rows: list[int], resid: bool) -> torch.Tensor:
+        return plan.readout(model, out, rows, resid=resid)
+
+    passes = [(plan, read_behaviour)]
     if neutral is not False:
         reference = _Neutral.build(model, None if neutral is True else list(neutral), batch_size)
-        plans.append(("neutral", reference.plan))
-    steered = [c for c in coeffs if c != 0.0]
-    # results[(method, layer, coeff)] -> list of per-chunk tensors, per plan
-    logps: dict = {}
-    kls: dict = {}
-    nlls: dict = {}
-    unsteered_logp, unsteered_nll = [], []
-    work = sum(len(p.rows) for _, p in plans)
-    show = progress if progress is not None else True
-    bar = tqdm(total=work * max(1, len(vectors) * len(grid_layers)), desc="sweep", disable=not show)
-    for kind, plan in plans:
-        # Rows of similar length share a chunk, so little of each batch is padding; order is restored below.
-        order = sorted(range(len(plan.rows)), key=lambda r: len(plan.rows[r]))
-        per_chunk = max(1, batch_size // max(1, len(steered)))
-        for start in range(0, len(order), per_chunk):
-            rows = order[start : start + per_chunk]
-            kept = trunk(model, plan.batch(model, rows), grid_layers)
-            if kind == "behaviour":
-                unsteered_logp.append(plan.readout(model, kept.logits, rows))
-            else:
-                unsteered_nll.append(reference.compare(kept.logits, rows)[1])
-            for name, vector in vectors.items():
-                for layer in grid_layers:
-                    bar.update(len(rows))
-                    if not steered:
-                        continue
-                    with torch.inference_mode():
-                        final = _resume_steered(model, kept, vector, layer, steered, op, relative, positions)
-                        logits = model.unembed(model.ln_final(final)) if kind == "neutral" else final
-                    for i, c in enumerate(steered):
-                        part = slice(i * len(rows), (i + 1) * len(rows))
-                        key = (name, layer, c)
-                        if kind == "behaviour":
-                            logps.setdefault(key, []).append(
-                                plan.readout(model, logits[part], rows, resid=True)
-                            )
-                        else:
-                            kl, nll = reference.compare(logits[part], rows)
-                            kls.setdefault(key, []).append(kl)
-                            nlls.setdefault(key, []).append(nll)
-        restore = torch.argsort(torch.tensor(order))
-        for table in (logps, kls, nlls) if kind == "behaviour" else (kls, nlls):
-            for key, chunks in table.items():
-                if isinstance(chunks, list):
-                    table[key] = torch.cat(chunks)[restore.to(chunks[0].device)]
-        if kind == "behaviour":
-            unsteered_logp = torch.cat(unsteered_logp)[restore.to(unsteered_logp[0].device)]
-        else:
-            unsteered_nll = torch.cat(unsteered_nll)[restore.to(unsteered_nll[0].device)]
-    bar.close()
 
-    unsteered = behaviour.reduce(plans[0][1].items([unsteered_logp]))
-    base_ppl = math.exp(unsteered_nll.mean().item()) if len(unsteered_nll) else None
+        def read_neutral(out: torch.Tensor, rows: list[int], resid: bool) -> torch.Tensor:
+            logits = model.unembed(model.ln_final(out)) if resid else out
+            return torch.stack(reference.compare(logits, rows), dim=1)  # [rows, (kl, nll)]
+
+        passes.append((reference.plan, read_neutral))
+    total = sum(len(p.rows) for p, _ in passes) * len(vectors) * len(grid_layers)
+    with tqdm(total=total, desc="sweep", disable=progress is False) as bar:
+        results = [
+            _grid_pass(model, p, read, vectors, grid_layers, steered, batch_size, bar, kw)
+            for p, read in passes
+        ]
+
+    base, steered_logp = results[0]
+    unsteered = behaviour.reduce(plan.items([base]))
+    base_ppl = math.exp(results[1][0][:, 1].mean().item()) if neutral is not False else None
     cells = []
     for name in vectors:
         for layer in grid_layers:
             for c in coeffs:
-                key = (name, layer, c)
                 if c == 0.0:
-                    per_item, kl, ppl = unsteered, (0.0 if base_ppl else None), base_ppl
-                else:
-                    per_item = behaviour.reduce(plans[0][1].items([logps[key]]))
-                    kl = kls[key].mean().item() if key in kls else None
-                    ppl = math.exp(nlls[key].mean().item()) if key in nlls else None
+                    cells.append(
+                        Cell(
+                            name,
+                            layer,
+                            c,
+                            unsteered.mean().item(),
+                            0.0 if base_ppl else None,
+                            base_ppl,
+                            unsteered.tolist(),
+                        )
+                    )
+                    continue
+                per_item = behaviour.reduce(plan.items([steered_logp[(name, layer, c)]]))
+                kl = ppl = None
+                if neutral is not False:
+                    cost = results[1][1][(name, layer, c)]
+                    kl, ppl = cost[:, 0].mean().item(), math.exp(cost[:, 1].mean().item())
                 cells.append(Cell(name, layer, c, per_item.mean().item(), kl, ppl, per_item.tolist()))
     return Sweep(behaviour.name, cells, behaviour.items, unsteered.mean().item())
 
 
-def _resume_steered(model, kept, vector, layer, coeffs, op, relative, positions) -> torch.Tensor:
-    """The final residual stream with ``vector`` applied at ``layer``, once per coefficient: ``[k * batch, ...]``."""
+def _grid_pass(model, plan, read, vectors, layers, coeffs, batch_size, bar, kw) -> tuple[torch.Tensor, dict]:
+    """One plan through the grid: ``(unsteered reads, {(method, layer, coeff): steered reads})``, each
+    with one entry per plan row, in row order.
+
+    Rows of similar length share a chunk, so little of each batch is padding. Each chunk runs once
+    unsteered (keeping the residual stream at every swept layer); then, per method and layer, all nonzero
+    coefficients are stacked into one batch that re-runs only the blocks after the layer. A prefix that
+    every row shares (a chat template's system prompt) runs once per (method, layer, coefficient) and its
+    keys and values serve every row.
+    """
+    order = sorted(range(len(plan.rows)), key=lambda r: len(plan.rows[r]))
+    per_chunk = max(1, batch_size // max(1, len(coeffs)))
+    prefix = plan.shared_prefix() if coeffs and _prefix_safe(kw["positions"]) else 0
+    heads = {}
+    if prefix >= _MIN_PREFIX:
+        head = trunk(model, _pad(model, [plan.rows[0][:prefix]]), layers, keep_cache=True)
+        for name, vector in vectors.items():
+            for layer in layers:
+                heads[(name, layer)] = _resume_steered(model, head, vector, layer, coeffs, **kw)[1]
+    base, steered = [], {}
+    for start in range(0, len(order), per_chunk):
+        rows = order[start : start + per_chunk]
+        n = len(rows)
+        if heads:
+            shared = cache_rows(head.cache, torch.zeros(n, dtype=torch.long))
+            kept = trunk(model, plan.batch(model, rows, skip=prefix), layers, past=shared)
+        else:
+            kept = trunk(model, plan.batch(model, rows), layers)
+        base.append(read(kept.logits, rows, False))
+        for name, vector in vectors.items():
+            for layer in layers:
+                bar.update(n)
+                if not coeffs:
+                    continue
+                cache = None
+                if heads:  # coefficient-major rows: each coefficient's prefix serves its n rows
+                    each = torch.arange(len(coeffs)).repeat_interleave(n)
+                    cache = cache_rows(heads[(name, layer)], each, first_layer=layer + 1)
+                with torch.inference_mode():
+                    final, _ = _resume_steered(model, kept, vector, layer, coeffs, cache=cache, **kw)
+                    for i, c in enumerate(coeffs):
+                        steered.setdefault((name, layer, c), []).append(
+                            read(final[i * n : (i + 1) * n], rows, True)
+                        )
+    restore = torch.argsort(torch.tensor(order))
+    base_rows = torch.cat(base)
+    restore = restore.to(base_rows.device)
+    return base_rows[restore], {key: torch.cat(parts)[restore] for key, parts in steered.items()}
+
+
+def _prefix_safe(positions) -> bool:
+    """Whether a selector picks the same prefix tokens in every row, whatever the row's length (selectors
+    counted from the prompt's end do not)."""
+    if isinstance(positions, str):
+        return positions in ("all", "prompt", "mean", "generated")
+    if isinstance(positions, int):
+        return positions >= 0
+    if isinstance(positions, slice):
+        return all(b is None or b >= 0 for b in (positions.start, positions.stop))
+    return not is_per_row(positions)
+
+
+def _resume_steered(model, kept, vector, layer, coeffs, *, cache=None, op, relative, positions):
+    """``(final residual stream, cache)`` with ``vector`` applied at ``layer`` once per coefficient, the
+    rows coefficient-major: ``[k * batch, ...]``."""
     batch = kept.state.batch
     resid = kept.resid[layer].repeat(len(coeffs), 1, 1)
-    state = CallState.plain(kept.state.mask.repeat(len(coeffs), 1))
+    state = CallState(kept.state.mask.repeat(len(coeffs), 1), kept.state.past, kept.state.prompt_width)
     iv = Intervention(vector, [c for c in coeffs for _ in range(batch)], layer, positions, op, relative)
     param = next(model.parameters())
     edited = edit_fn(iv, layer, param.device, param.dtype)(resid, state)
-    return resume(model, kept, layer, edited)
+    return resume(model, kept, layer, edited, cache)
 
 
 class _Plan:
@@ -419,8 +465,29 @@ class _Plan:
         """Joined ``readout`` chunks as ``[items, candidates]``."""
         return torch.cat(chunks).view(-1, self.n_cands)
 
-    def batch(self, model, rows: range):
-        return _pad(model, [self.rows[i] for i in rows])
+    def batch(self, model, rows, skip: int = 0) -> Tokens:
+        """The rows left-padded; with ``skip``, only their tokens after the first ``skip``, whose cached
+        prefix the attention mask still covers."""
+        batch = _pad(model, [self.rows[i][skip:] for i in rows])
+        if not skip:
+            return batch
+        ones = torch.ones(
+            len(rows), skip, dtype=batch.attention_mask.dtype, device=batch.attention_mask.device
+        )
+        return Tokens(batch.tokens, torch.cat([ones, batch.attention_mask], dim=1), "left")
+
+    def shared_prefix(self) -> int:
+        """How many leading tokens every row shares, leaving each row its read positions and one more.
+        Plain texts are read at every position, so they share none."""
+        if self.targets[0] is None:
+            return 0
+        keep = min(len(r) for r in self.rows) - 1
+        if not self.single:
+            keep -= max(len(t) for t in self.targets)
+        n = 0
+        while n < keep and len({r[n] for r in self.rows}) == 1:
+            n += 1
+        return n
 
     def forward(self, model, batch_size: int):
         """``(rows, logits)`` chunk by chunk, through the model as it is."""

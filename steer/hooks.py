@@ -270,10 +270,15 @@ class Trunk:
     resid: dict[int, torch.Tensor]
     state: CallState
     block_kwargs: dict
+    cache: object | None = None
 
 
-def trunk(model, batch: Tokens, layers: Sequence[int]) -> Trunk:
-    """Run ``batch`` once, unsteered, keeping ``blocks.{L}.hook_resid_post`` for each of ``layers``."""
+def trunk(model, batch: Tokens, layers: Sequence[int], *, past=None, keep_cache: bool = False) -> Trunk:
+    """Run ``batch`` once, unsteered, keeping ``blocks.{L}.hook_resid_post`` for each of ``layers``.
+
+    ``past``: a Hugging Face KV cache of a prefix shared by every row; ``batch`` then holds only the
+    tokens after it, and its attention mask covers the prefix too. ``keep_cache`` keeps this pass's cache.
+    """
     resid: dict[int, torch.Tensor] = {}
     captured: dict = {}
 
@@ -285,33 +290,56 @@ def trunk(model, batch: Tokens, layers: Sequence[int]) -> Trunk:
         return fn
 
     def block_inputs(module, args, kwargs) -> None:
-        # The cache object is mutated as blocks run; a replay must not extend it.
+        # The cache object is mutated as blocks run; a replay brings its own.
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
 
     device = next(model.parameters()).device
+    extra: dict = {} if past is None else {"past_key_values": past}
+    if keep_cache:
+        extra.update(return_type="logits_and_cache", use_cache=True)
+    names = [(f"blocks.{layer}.hook_resid_post", keep(layer)) for layer in layers]
     handle = model.blocks[0].register_forward_pre_hook(block_inputs, with_kwargs=True)
     try:
-        with (
-            torch.no_grad(),
-            attach(model, [(f"blocks.{layer}.hook_resid_post", keep(layer)) for layer in layers], "read"),
-        ):
-            logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device))
+        with torch.inference_mode(), attach(model, names, "read"):
+            out = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device), **extra)
     finally:
         handle.remove()
-    return Trunk(logits, resid, captured["state"], captured["kwargs"])
+    logits, cache = out if keep_cache else (out, None)
+    return Trunk(logits, resid, captured["state"], captured["kwargs"], cache)
 
 
-def resume(model, kept: Trunk, layer: int, resid: torch.Tensor) -> torch.Tensor:
+def resume(model, kept: Trunk, layer: int, resid: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
     """Run blocks ``layer+1..`` from ``resid`` (``[k * batch, pos, d_model]``: the trunk's rows, repeated
-    ``k`` times) and return the final residual stream, before the final norm."""
+    ``k`` times); return the final residual stream, before the final norm, and the KV cache.
+
+    ``cache``: keys and values of the prefix the trunk ran after, for blocks ``layer+1..`` and all
+    ``k * batch`` rows; it is extended in place. Without one, a fresh cache collects this run's keys and
+    values, so a later run can continue after these tokens.
+    """
+    from transformers import DynamicCache
+
     repeat = resid.shape[0] // kept.state.batch
-    kwargs = _repeat_rows(kept.block_kwargs, kept.state.batch, repeat)
+    kwargs = dict(_repeat_rows(kept.block_kwargs, kept.state.batch, repeat))
+    kwargs.update(past_key_values=DynamicCache() if cache is None else cache, use_cache=True)
     x = resid
     with torch.inference_mode():  # measurably faster than no_grad here, and nothing is trained on the result
         for block in model.blocks[layer + 1 :]:
             out = block(x, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
-    return x
+    return x, kwargs["past_key_values"]
+
+
+def cache_rows(cache, rows: torch.Tensor, first_layer: int = 0):
+    """A new KV cache with ``cache``'s layers from ``first_layer`` on, holding batch rows ``rows`` of each."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for index, layer in enumerate(cache.layers):
+        keys = getattr(layer, "keys", None)
+        if index >= first_layer and keys is not None and keys.numel():
+            picked = rows.to(keys.device)
+            out.update(keys[picked], layer.values[picked], index)
+    return out
 
 
 def _repeat_rows(value, batch: int, repeat: int):
