@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steer.errors import SteerError, SteerValueError
-from steer.extract import _probe
+from steer.extract import probe_direction
 from steer.generate import generate
 from steer.hooks import attach, cache_rows, read, resume, trunk
 from steer.positions import CallState, Selector, is_per_row
@@ -753,7 +753,7 @@ def layer_scan(
         correct, total, seps = 0, 0, []
         for f in range(folds):
             test, train = fold_of == f, fold_of != f
-            direction = _probe(pos[train], neg[train])
+            direction = probe_direction(pos[train], neg[train])
             unit = direction / direction.norm().clamp_min(1e-12)
             threshold = ((pos[train] @ unit).mean() + (neg[train] @ unit).mean()) / 2
             correct += int(((pos[test] @ unit) > threshold).sum() + ((neg[test] @ unit) <= threshold).sum())

@@ -123,7 +123,7 @@ def _pca(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return _scaled(vh[0].float(), pos, neg)
 
 
-def _probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> torch.Tensor:
+def probe_direction(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> torch.Tensor:
     """Logistic regression ``p(positive | x)`` by full-batch L-BFGS from zero: deterministic."""
     x = torch.cat([pos, neg]).double()
     x = (x - x.mean(dim=0)) / x.std().clamp_min(1e-12)
@@ -144,4 +144,4 @@ def _probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-3, steps: int = 
     return _scaled(unit, pos, neg)
 
 
-_DIRECTION = {"mean_diff": _mean_diff, "pca": _pca, "probe": _probe}
+_DIRECTION = {"mean_diff": _mean_diff, "pca": _pca, "probe": probe_direction}

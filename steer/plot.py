@@ -39,15 +39,16 @@ def sweep_heatmap(sweep: Any, *, method: str | None = None, kl_max: float | None
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("coefficient")
     ax.set_ylabel("layer")
+    low, high = float(scores.nan_to_num(0).min()), float(scores.nan_to_num(0).max())
     for i in range(len(layers)):
         for j in range(len(coeffs)):
             kl = kls[i, j].item()
             if math.isnan(kl):
                 continue
             over = kl_max is not None and kl > kl_max
-            ax.text(
-                j, i, f"{kl:.2f}", ha="center", va="center", fontsize=7, color="white" if over else "black"
-            )
+            dark = (scores[i, j].item() - low) / ((high - low) or 1.0) < 0.45  # the map's low end is dark
+            colour = "white" if dark or over else "black"
+            ax.text(j, i, f"{kl:.2f}", ha="center", va="center", fontsize=7, color=colour)
             if over:
                 ax.add_patch(
                     plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="grey", lw=0)
