@@ -31,7 +31,7 @@ from steer.extract import probe_direction
 from steer.generate import generate
 from steer.hooks import attach, cache_rows, read, resume, trunk
 from steer.positions import CallState, Selector, is_per_row
-from steer.prompts import ContrastivePair, Tokens, ab_items, chat_prompt, pairs_from, tokenize
+from steer.prompts import ContrastivePair, Tokens, ab_items, chat_prompt, pad, pairs_from, tokenize
 from steer.steering import Intervention, edit_fn, steering
 from steer.vector import RESID_POST, SteeringVector
 
@@ -517,14 +517,7 @@ class _Plan:
 
 def _pad(model, rows: list[list[int]]) -> Tokens:
     """Left-pad token id lists into a batch on the model's device."""
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), model.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    device = next(model.parameters()).device
-    return Tokens(tokens.to(device), mask.to(device), "left")
+    return pad(rows, model.tokenizer.pad_token_id).to(next(model.parameters()).device)
 
 
 class _Neutral:

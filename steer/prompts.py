@@ -79,10 +79,15 @@ def tokenize(model_or_tokenizer: Any, texts: str | Sequence[str], *, padding_sid
         raise SteerValueError(
             "The tokenizer has no pad token; load the model with steer.load_model, which sets one."
         )
-    width = max(len(row) for row in ids)
-    tokens = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
+    return pad(ids, tokenizer.pad_token_id, padding_side)
+
+
+def pad(rows: Sequence[Sequence[int]], pad_id: int, padding_side: str = "left") -> Tokens:
+    """Token id lists as one padded batch with its attention mask."""
+    width = max(len(row) for row in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
         span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
         tokens[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
