@@ -119,9 +119,16 @@ def select(selector: Selector, state: CallState) -> torch.Tensor:
                 f"{len(selector)} per-row position selectors for a batch of {state.batch} rows; "
                 "give one per row."
             )
-        rows = [
-            torch.zeros_like(is_real[i]) if s is None else select(s, state)[i] for i, s in enumerate(selector)
-        ]
+        # Rows usually share a few selectors (a generate() batch: the same one, or None); select each once.
+        masks: dict[int, torch.Tensor] = {}
+        rows = []
+        for i, s in enumerate(selector):
+            if s is None:
+                rows.append(torch.zeros_like(is_real[i]))
+                continue
+            if id(s) not in masks:
+                masks[id(s)] = select(s, state)
+            rows.append(masks[id(s)][i])
         return torch.stack(rows)
     prompt = is_real & is_prompt
     if isinstance(selector, str):
