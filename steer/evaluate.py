@@ -264,8 +264,10 @@ def sweep(
         neutral: texts for KL and perplexity; ``True`` for ``neutral_text()``, ``False`` to skip.
         op, relative, positions: as in ``steer.steering``.
 
-    Each layer runs as one batch of (items + neutral texts) x nonzero coefficients with per-row
-    coefficients; coefficient 0 is the unsteered model, measured once for the whole grid.
+    Items (and neutral texts) run in chunks: each chunk once unsteered, which is also the coefficient-0
+    column, then per method and layer all nonzero coefficients stacked as per-row coefficients in one
+    batch that re-runs only the blocks after the layer (see ``_grid_pass``). Measure with no other
+    steering context active.
     """
     vectors = {"vector": vectors} if isinstance(vectors, SteeringVector) else dict(vectors)
     if not vectors:
