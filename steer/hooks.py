@@ -274,7 +274,8 @@ class Trunk:
 
 
 def trunk(model, batch: Tokens, layers: Sequence[int], *, past=None, keep_cache: bool = False) -> Trunk:
-    """Run ``batch`` once, unsteered, keeping ``blocks.{L}.hook_resid_post`` for each of ``layers``.
+    """Run ``batch`` once, unsteered, keeping ``blocks.{L}.hook_resid_post`` for each of ``layers``;
+    layer ``-1`` keeps the input of block 0 (the embeddings).
 
     ``past``: a Hugging Face KV cache of a prefix shared by every row; ``batch`` then holds only the
     tokens after it, and its attention mask covers the prefix too. ``keep_cache`` keeps this pass's cache.
@@ -292,12 +293,14 @@ def trunk(model, batch: Tokens, layers: Sequence[int], *, past=None, keep_cache:
     def block_inputs(module, args, kwargs) -> None:
         # The cache object is mutated as blocks run; a replay brings its own.
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+        if -1 in layers:
+            resid[-1] = args[0] if args else kwargs["hidden_states"]
 
     device = next(model.parameters()).device
     extra: dict = {} if past is None else {"past_key_values": past}
     if keep_cache:
         extra.update(return_type="logits_and_cache", use_cache=True)
-    names = [(f"blocks.{layer}.hook_resid_post", keep(layer)) for layer in layers]
+    names = [(f"blocks.{layer}.hook_resid_post", keep(layer)) for layer in layers if layer >= 0]
     handle = model.blocks[0].register_forward_pre_hook(block_inputs, with_kwargs=True)
     try:
         with torch.inference_mode(), attach(model, names, "read"):

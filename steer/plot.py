@@ -91,6 +91,55 @@ def layer_scan(scan: Any, *, ax=None):
     return fig
 
 
+def patch_heatmap(result: Any, *, rows: int = 16, ax=None):
+    """Heat map of a patching grid: layers down, positions (token strings) or heads across.
+
+    A (layer, head, pos) grid shows the ``rows`` (layer, head) pairs with the largest effect. Colours
+    are centred on the target run's value (0 = corrupted for denoising), so blue cells move the
+    metric towards the clean run and red ones away. Returns the figure.
+    """
+    plt = _pyplot()
+    values, axes = result.effect(), result.axes
+    if len(axes) == 3:
+        strongest = values.abs().amax(dim=2).flatten().topk(min(rows, values.shape[0] * values.shape[1]))
+        picked = sorted(strongest.indices.tolist())
+        n_heads = values.shape[1]
+        row_labels = [f"L{result.labels['layer'][i // n_heads]}.H{i % n_heads}" for i in picked]
+        values = values.flatten(0, 1)[picked]
+        row_name, col_name = "layer.head", axes[2]
+    else:
+        row_labels = [str(x) for x in result.labels[axes[0]]]
+        row_name, col_name = axes
+    col_labels = [str(x) if col_name != "pos" else repr(str(x))[1:-1] for x in result.labels[col_name]]
+    height, width = values.shape
+    fig, ax = (
+        (ax.figure, ax)
+        if ax is not None
+        else plt.subplots(figsize=(min(16, 0.42 * width + 2.5), min(12, 0.24 * height + 1.8)))
+    )
+    limit = float(values.abs().max()) or 1.0
+    shown = values + result.baseline()
+    image = ax.imshow(
+        shown.numpy(),
+        aspect="auto",
+        cmap="RdBu",
+        vmin=result.baseline() - limit,
+        vmax=result.baseline() + limit,
+    )
+    scale = "normalised: 0 = corrupted, 1 = clean" if result.normalized else result.metric
+    fig.colorbar(image, ax=ax, label=scale)
+    ax.set_xticks(range(width), col_labels, rotation=90 if col_name == "pos" else 0, fontsize=8)
+    step = max(1, height // 30)
+    ax.set_yticks(range(0, height, step), row_labels[::step], fontsize=8)
+    ax.set_xlabel("position" if col_name == "pos" else col_name)
+    ax.set_ylabel(row_name)
+    ax.set_title(
+        f"{result.method} patching of {result.what} ({result.direction}), {result.metric}", fontsize=9
+    )
+    fig.tight_layout()
+    return fig
+
+
 def _scale(values: list[float]) -> list[float]:
     """Values mapped to [-1, 1] by the largest magnitude."""
     top = max((abs(v) for v in values), default=0.0) or 1.0

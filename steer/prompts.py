@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -265,6 +266,49 @@ def ab_pairs(
         else:
             raise SteerValueError(f"answer must be 'letter' or 'text', got {answer!r}.")
     return pairs_from(pairs)
+
+
+@dataclass(frozen=True)
+class PatchingPrompts:
+    """Clean and corrupted prompts, pair by pair the same token length, with the next tokens that tell
+    them apart: ``answers[i]`` is right after ``clean[i]``, ``wrongs[i]`` after ``corrupted[i]``."""
+
+    clean: list[str]
+    corrupted: list[str]
+    answers: list[str]
+    wrongs: list[str]
+
+
+IOI_TEMPLATES = (
+    "When {a} and {b} went to the {place}, {b} gave a {thing} to",
+    "Then, {a} and {b} were working at the {place}. After a long and busy day, {b} gave the {thing} to",
+)
+_IOI_NAMES = "Mary John Tom Anna James Sarah David Paul Mark Peter Alice Chris Jane Daniel Adam Sam".split()
+_IOI_PLACES = "store park school beach office station market library garden hospital".split()
+_IOI_THINGS = "drink book ball letter gift pen ticket cake key bag".split()
+
+
+def example_ioi(n: int = 8, *, template: int = 0, seed: int = 0) -> PatchingPrompts:
+    """An indirect-object task: "When Mary and John went to the store, John gave a drink to" -> " Mary".
+
+    The corrupted prompt repeats the other name ("..., Mary gave a drink to"), which turns the answer
+    into " John". Names, places and things are single tokens for SmolLM2's tokenizer, so every prompt
+    of one ``template`` (an index into ``IOI_TEMPLATES``) has the same length. Seeded, deterministic.
+    """
+    if n < 1 or not 0 <= template < len(IOI_TEMPLATES):
+        raise SteerValueError(f"example_ioi needs n >= 1 and template in 0..{len(IOI_TEMPLATES) - 1}.")
+    rng = random.Random(seed)
+    text = IOI_TEMPLATES[template]
+    clean, corrupted, answers, wrongs = [], [], [], []
+    for _ in range(n):
+        a, b = rng.sample(_IOI_NAMES, 2)
+        place, thing = rng.choice(_IOI_PLACES), rng.choice(_IOI_THINGS)
+        head, tail = text.rsplit("{b}", 1)
+        clean.append((head + b + tail).format(a=a, b=b, place=place, thing=thing))
+        corrupted.append((head + a + tail).format(a=a, b=b, place=place, thing=thing))
+        answers.append(" " + a)
+        wrongs.append(" " + b)
+    return PatchingPrompts(clean, corrupted, answers, wrongs)
 
 
 def _n_tokens(model_or_tokenizer: Any, text: str) -> int:

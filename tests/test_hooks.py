@@ -92,3 +92,4 @@ def _assert_clean(model):
     assert "generate" not in model.__dict__
     assert all(not hp._forward_hooks for hp in model.hook_dict.values())
     assert not model.original_model._forward_hooks and not model.original_model._forward_pre_hooks
+    assert not model.blocks[0]._forward_pre_hooks
