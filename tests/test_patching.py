@@ -27,6 +27,19 @@ def _tl_metric(model, answers, wrongs):
     return metric
 
 
+def _cells(width, heads):
+    """A grid's cells within one layer, in steer's order, for its axes after "layer"."""
+
+    def cells(rest):
+        if rest == ("pos",):
+            return [(p,) for p in range(width)]
+        if rest == ("head",):
+            return [(h,) for h in range(heads)]
+        return [(h, p) for h in range(heads) for p in range(width)]
+
+    return cells
+
+
 def _naive(model, target, source, metric, what, cells_of_layer):
     """One full forward pass per cell with a plain TransformerLens hook: the oracle for every grid.
 
@@ -71,12 +84,7 @@ def test_every_grid_equals_a_naive_loop_on_a_tiny_gqa_model(tiny_llama, what):
     width, heads = _ids(model, IOI.clean).shape[1], model.cfg.n_heads
     metric = _tl_metric(model, IOI.answers, IOI.wrongs)
 
-    def cells(rest):
-        if rest == ("pos",):
-            return [(p,) for p in range(width)]
-        if rest == ("head",):
-            return [(h,) for h in range(heads)]
-        return [(h, p) for h in range(heads) for p in range(width)]
+    cells = _cells(width, heads)
 
     for direction in ("denoise", "noise"):
         source, target = (IOI.clean, IOI.corrupted) if direction == "denoise" else (IOI.corrupted, IOI.clean)
@@ -97,6 +105,20 @@ def test_every_grid_equals_a_naive_loop_on_a_tiny_gqa_model(tiny_llama, what):
     torch.testing.assert_close(user.values.flatten(), expected, atol=1e-5, rtol=0)
     assert builtin.axes == ("layer", *GRIDS[what][1])
     _assert_clean(model)
+
+
+@pytest.mark.parametrize("what", ["resid_pre", "head_pos", "pattern"])
+def test_a_gpt2_model_patches_like_a_naive_loop(what):
+    """Learned positions, LayerNorm and biases: nothing in the engine is Llama-specific."""
+    model = steer_model.tiny("gpt2", n_layers=2, d_model=64, n_heads=4, seed=1)
+    width, heads = _ids(model, IOI.clean).shape[1], model.cfg.n_heads
+    metric = _tl_metric(model, IOI.answers, IOI.wrongs)
+
+    cells = _cells(width, heads)
+
+    expected = _naive(model, _ids(model, IOI.corrupted), _ids(model, IOI.clean), metric, what, cells)
+    ours = steer.patch(model, IOI.clean, IOI.corrupted, metric, what, normalize=False)
+    torch.testing.assert_close(ours.values.flatten(), expected, atol=1e-5, rtol=0)
 
 
 def test_results_do_not_depend_on_chunk_size(tiny_llama):
