@@ -33,6 +33,7 @@ from steer.prompts import (
     split,
     tokenize,
 )
+from steer.soft_prompt import SoftPrompt, Training, train
 from steer.steering import Intervention, steering
 from steer.vector import SteeringVector
 
@@ -44,11 +45,13 @@ __all__ = [
     "Intervention",
     "PatchResult",
     "PatchingPrompts",
+    "SoftPrompt",
     "SteerError",
     "SteerTypeError",
     "SteerValueError",
     "SteeringVector",
     "Tokens",
+    "Training",
     "ab_behaviour",
     "ab_items",
     "ab_pairs",
@@ -78,4 +81,5 @@ __all__ = [
     "steering",
     "sweep",
     "tokenize",
+    "train",
 ]

@@ -11,6 +11,7 @@ import torch
 from steer.errors import SteerValueError
 from steer.positions import Selector, is_per_row
 from steer.prompts import chat_prompt, tokenize
+from steer.soft_prompt import SoftPrompt
 from steer.steering import Intervention, steering
 from steer.vector import SteeringVector
 
@@ -96,6 +97,7 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     stop_at_eos: bool = True,
+    soft_prompt: SoftPrompt | None = None,
 ) -> Generations:
     """Generate from every prompt, steered and (with ``compare``) unsteered, as one batched generation.
 
@@ -104,7 +106,8 @@ def generate(
     (each with its own coefficient), each prompt is generated steered by all of them. ``chat=True``
     wraps each prompt in the model's chat template first. Greedy by default; with ``do_sample`` a
     ``seed`` makes the samples repeatable without touching the global random state. Rows stop at EOS
-    unless ``stop_at_eos=False``, which always generates ``max_new_tokens`` tokens.
+    unless ``stop_at_eos=False``, which always generates ``max_new_tokens`` tokens. A ``soft_prompt``
+    is applied to the steered rows (alone, or together with the steering).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -133,13 +136,17 @@ def generate(
         raise SteerValueError("coeffs is empty; give at least one coefficient.")
 
     # Variants per prompt: None = unsteered, else a coefficient (or True for "the interventions as given").
-    variants: list = ([None] if compare or not items else []) + (
-        coeff_list if vectors else [True] if given else []
+    variants: list = ([None] if compare or not (items or soft_prompt) else []) + (
+        coeff_list if vectors else [True] if given or soft_prompt is not None else []
     )
     texts = [chat_prompt(model, p) if chat else p for p in prompts]
     rows = [(p, t, v) for p, t in zip(prompts, texts) for v in variants]
-    batch = tokenize(model, [t for _, t, _ in rows])
     steered = [v is not None for _, _, v in rows]
+    if soft_prompt is None:
+        batch, soft = tokenize(model, [t for _, t, _ in rows]), contextlib.nullcontext()
+    else:
+        batch, selectors = soft_prompt.tokenize(model, [t for _, t, _ in rows], use=steered)
+        soft = soft_prompt.hooked(model, selectors)
     per_row_positions = [positions if s else None for s in steered]
 
     if vectors:
@@ -159,7 +166,12 @@ def generate(
         ]
     context = steering(model, *active) if active and any(steered) else contextlib.nullcontext()
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), context, torch.no_grad():
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        soft,
+        context,
+        torch.no_grad(),
+    ):
         if seed is not None:
             torch.manual_seed(seed)
         out = model.generate(

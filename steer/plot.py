@@ -140,6 +140,27 @@ def patch_heatmap(result: Any, *, rows: int = 16, ax=None):
     return fig
 
 
+def training_curve(training: Any, *, ax=None):
+    """Training loss per step and validation loss at each check, with the kept (best) step marked."""
+    plt = _pyplot()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
+    steps = range(1, len(training.train_loss) + 1)
+    ax.plot(steps, training.train_loss, color="tab:blue", lw=1, alpha=0.7, label="training batch")
+    if training.val_loss:
+        at, values = zip(*training.val_loss)
+        ax.plot(at, values, marker="o", color="tab:orange", label="validation")
+    if training.best_step:
+        ax.axvline(
+            training.best_step, color="grey", ls="--", lw=0.8, label=f"kept (step {training.best_step})"
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax.set_title(training.stopped, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def _scale(values: list[float]) -> list[float]:
     """Values mapped to [-1, 1] by the largest magnitude."""
     top = max((abs(v) for v in values), default=0.0) or 1.0
