@@ -33,7 +33,7 @@ from steer.prompts import (
     split,
     tokenize,
 )
-from steer.soft_prompt import SoftPrompt, Training, train
+from steer.soft_prompt import SoftPrompt, Training, train_soft_prompt
 from steer.steering import Intervention, steering
 from steer.vector import SteeringVector
 
@@ -81,5 +81,5 @@ __all__ = [
     "steering",
     "sweep",
     "tokenize",
-    "train",
+    "train_soft_prompt",
 ]

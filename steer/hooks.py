@@ -244,6 +244,24 @@ def _keeper(name: str, selector: Selector, first_row: int, found: dict[str, torc
     return fn
 
 
+def forward_last(model, tokens: torch.Tensor, attention_mask: torch.Tensor, keep: int | None) -> torch.Tensor:
+    """``model(tokens)`` with logits only at the last ``keep`` positions (all when ``None``).
+
+    Hugging Face's ``logits_to_keep`` slices the final hidden states; the bridge's unembedding then
+    multiplies that non-contiguous ``[batch, keep, d_model]`` slice through a per-row copy of the whole
+    unembedding matrix (a batched matmul), slower than unembedding every position. A contiguous copy
+    of the slice turns it back into one small matrix product.
+    """
+    if keep is None:
+        return model(tokens, attention_mask=attention_mask)
+
+    def compact(x: torch.Tensor, state: CallState) -> torch.Tensor:
+        return x.contiguous()
+
+    with attach(model, [("unembed.hook_in", compact)], what="unembedding"):
+        return model(tokens, attention_mask=attention_mask, logits_to_keep=keep)
+
+
 def _after_blocks(hooks: Sequence[str]) -> bool:
     return any(name.startswith(("ln_final", "unembed")) for name in hooks)
 

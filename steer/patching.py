@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steer.errors import SteerError, SteerTypeError, SteerValueError
-from steer.hooks import _repeat_rows, attach, check_hook_name, trunk
+from steer.hooks import _repeat_rows, attach, check_hook_name, forward_last, trunk
 from steer.positions import CallState
 from steer.prompts import Tokens, pad, token_span, tokenize
 
@@ -431,9 +431,9 @@ class _Scorer:
         return cls(getattr(metric, "__name__", "metric"), rows, False, user)
 
     @property
-    def keep(self) -> dict:
-        """Forward arguments that compute only the logits this metric reads."""
-        return {"logits_to_keep": 1} if self.last_only else {}
+    def keep(self) -> int | None:
+        """How many final positions' logits this metric reads (``None``: all)."""
+        return 1 if self.last_only else None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: ``[cells * rows, pos, d_vocab]``, or ``[cells * rows, d_vocab]`` at the last position
@@ -590,7 +590,7 @@ def _capture(
 
     device = model.cfg.device
     with torch.inference_mode(), attach(model, [(name, keep(name)) for name in hooks], what="patching read"):
-        logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device), **scorer.keep)
+        logits = forward_last(model, batch.tokens.to(device), batch.attention_mask.to(device), scorer.keep)
     return found, logits
 
 
@@ -768,7 +768,7 @@ def _gradients(model, source: Tokens, target: Tokens, reads: list[str], writes: 
         (name, keep(name)) for name in dict.fromkeys(reads + writes)
     ]
     with torch.enable_grad(), attach(model, hooked, what="attribution"):
-        logits = model(tokens, attention_mask=mask, **scorer.keep)
+        logits = forward_last(model, tokens, mask, scorer.keep)
         value = scorer(logits[rows:])[0]
         grads = torch.autograd.grad(value, [acts[name] for name in writes], allow_unused=True)
     grads = {

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steer.errors import SteerTypeError, SteerValueError
-from steer.hooks import attach
+from steer.hooks import attach, forward_last
 from steer.positions import CallState, select
 from steer.prompts import ContrastivePair, Tokens, pad
 
@@ -412,7 +412,7 @@ class SoftPrompt:
 
 @dataclass
 class Training:
-    """What ``train`` did: the best soft prompt (lowest validation loss) and the loss curves."""
+    """What ``train_soft_prompt`` did: the best soft prompt (lowest validation loss) and the loss curves."""
 
     soft_prompt: SoftPrompt
     train_loss: list[float]
@@ -437,7 +437,7 @@ class Training:
         )
 
 
-def train(
+def train_soft_prompt(
     model,
     soft: SoftPrompt,
     data: Sequence,
@@ -576,11 +576,7 @@ def _loss(model, soft: SoftPrompt, every: list):
             labels[i, width - len(t) :] = torch.tensor(t)
         # Left padding ends every row in the last column, so the completions' predictions are the last columns.
         with soft.hooked(model, selectors, params):
-            logits = model(
-                full.tokens.to(device),
-                attention_mask=full.attention_mask.to(device),
-                logits_to_keep=width + 1,
-            )
+            logits = forward_last(model, full.tokens.to(device), full.attention_mask.to(device), width + 1)
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels.to(device).flatten(), ignore_index=-100
         )

@@ -204,7 +204,9 @@ def test_attribution_is_exact_where_the_metric_is_linear(what):
     estimate = steer.attribution_patch(model, IOI.clean, IOI.corrupted, metric, what, **kw)
     spread = (exact.values - exact.corrupted).abs().max().item()
     assert spread > 1e-4, "the toy must have something to attribute"
-    torch.testing.assert_close(estimate.values, exact.values, atol=1e-3 * spread, rtol=0)
+    # Float32 rounding of values around exact.corrupted (which may be far from 0) bounds the tolerance too.
+    atol = max(1e-3 * spread, 1e-6 * abs(exact.corrupted))
+    torch.testing.assert_close(estimate.values, exact.values, atol=atol, rtol=0)
 
 
 def test_ioi_on_the_real_model(smollm):

@@ -7,7 +7,7 @@ from test_hooks import _assert_clean
 import steer
 from steer import hooks
 from steer import model as steer_model
-from steer.soft_prompt import SoftPrompt, train
+from steer.soft_prompt import SoftPrompt
 
 QUESTIONS = [
     "What is your name?", "Where do you live?", "What colour is the sky?", "How old are you?",
@@ -65,7 +65,9 @@ def test_padded_batches_match_single_prompts_with_and_without_the_cache(smollm):
 def test_training_touches_only_the_soft_prompt(tiny_llama):
     before = _checksum(tiny_llama)
     soft = SoftPrompt.random(tiny_llama, 4, seed=1).deepen(tiny_llama, [1, 2])
-    result = train(tiny_llama, soft, SECRET[:8], steps=3, eval_every=1, lr=0.05, progress=False)
+    result = steer.train_soft_prompt(
+        tiny_llama, soft, SECRET[:8], steps=3, eval_every=1, lr=0.05, progress=False
+    )
     assert _checksum(tiny_llama) == before
     assert all(p.grad is None for p in tiny_llama.original_model.parameters())
     assert not torch.equal(result.soft_prompt.embeddings, soft.embeddings)
@@ -78,7 +80,9 @@ def test_training_teaches_the_real_model_a_fixed_answer(smollm):
     soft = SoftPrompt.from_text(smollm, "Answer every question with one fruit.")
     held_out = "Question: What is the capital of France?\nAnswer:"
     start = steer.generate(smollm, held_out, soft_prompt=soft, compare=False, max_new_tokens=4).rows[0].text
-    result = train(smollm, soft, SECRET, steps=40, lr=0.1, warmup=5, eval_every=5, batch_size=8, seed=0)
+    result = steer.train_soft_prompt(
+        smollm, soft, SECRET, steps=40, lr=0.1, warmup=5, eval_every=5, batch_size=8, seed=0
+    )
     print(result, f"\nvalidation loss by step: {result.val_loss}")
     assert result.val_loss[-1][1] < 0.25 * result.val_loss[0][1]
     after = steer.generate(smollm, held_out, soft_prompt=result.soft_prompt, compare=False, max_new_tokens=4)
@@ -100,7 +104,10 @@ def test_deep_soft_prompts_start_equal_and_train_further(smollm):
             b = smollm(batch.tokens, attention_mask=batch.attention_mask)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     kw = dict(steps=10, lr=0.05, warmup=2, eval_every=5, batch_size=8, seed=0, progress=False)
-    shallow_run, deep_run = train(smollm, plain, SECRET, **kw), train(smollm, deep, SECRET, **kw)
+    shallow_run, deep_run = (
+        steer.train_soft_prompt(smollm, plain, SECRET, **kw),
+        steer.train_soft_prompt(smollm, deep, SECRET, **kw),
+    )
     print(f"validation loss after 10 steps: prompt tuning {shallow_run.best_val_loss:.4f}, "
           f"deep {deep_run.best_val_loss:.4f}")  # fmt: skip
     assert deep_run.best_val_loss < deep_run.val_loss[0][1] or deep_run.best_step == deep_run.val_loss[0][0]
@@ -109,7 +116,9 @@ def test_deep_soft_prompts_start_equal_and_train_further(smollm):
 def test_contrastive_training_raises_the_positive_side(tiny_llama):
     pairs = steer.example_pairs("sentiment")[:12]
     soft = SoftPrompt.from_vocab(tiny_llama, 3, seed=0)
-    result = train(tiny_llama, soft, pairs, steps=12, lr=0.3, eval_every=3, patience=10, progress=False)
+    result = steer.train_soft_prompt(
+        tiny_llama, soft, pairs, steps=12, lr=0.3, eval_every=3, patience=10, progress=False
+    )
     assert result.best_val_loss < result.val_loss[0][1]
 
 
@@ -122,7 +131,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_best(tiny_llama):
 
     soft = SoftPrompt.random(tiny_llama, 2)
     with hooks.attach(tiny_llama, [("blocks.0.hook_resid_post", poison)]):
-        result = train(tiny_llama, soft, SECRET[:8], steps=20, eval_every=1, progress=False)
+        result = steer.train_soft_prompt(tiny_llama, soft, SECRET[:8], steps=20, eval_every=1, progress=False)
     assert "the loss became nan" in result.stopped or "validation loss nan" in result.stopped
     assert torch.isfinite(result.soft_prompt.embeddings).all()
 
@@ -169,11 +178,11 @@ def test_bad_input_is_refused(smollm, tiny_llama, tmp_path):
         with soft.applied(tiny_llama, "hi"):
             pass
     with pytest.raises(steer.SteerValueError, match="lr"):
-        train(smollm, soft, SECRET, lr=0)
+        steer.train_soft_prompt(smollm, soft, SECRET, lr=0)
     with pytest.raises(steer.SteerValueError, match="steps"):
-        train(smollm, soft, SECRET, steps=0)
+        steer.train_soft_prompt(smollm, soft, SECRET, steps=0)
     with pytest.raises(steer.SteerTypeError, match="prompt, completion"):
-        train(smollm, soft, ["just text"] * 4)
+        steer.train_soft_prompt(smollm, soft, ["just text"] * 4)
     vector_file = tmp_path / "v.safetensors"
     steer.extract(smollm, steer.example_pairs("sentiment")[:4], 3).save(vector_file)
     with pytest.raises(steer.SteerValueError, match="not a steer soft prompt"):
