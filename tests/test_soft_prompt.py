@@ -201,3 +201,15 @@ def test_tiny_models_get_a_soft_prompt_after_bos_when_the_tokenizer_adds_one():
     first = model.tokenizer("a")["input_ids"][0]
     assert selectors == [slice(int(first == bos), int(first == bos) + 3)]
     assert batch.tokens.shape[1] == len(model.tokenizer("hello")["input_ids"]) + 3
+
+
+def test_a_soft_prompt_and_a_steering_vector_compose_in_one_generation(smollm, sentiment):
+    soft = SoftPrompt.from_text(smollm, "Describe your day.")
+    prompt = "Today I went to the market and"
+    alone = steer.generate(smollm, prompt, soft_prompt=soft, compare=False, max_new_tokens=12).rows[0].text
+    both = steer.generate(
+        smollm, prompt, sentiment.select(10), coeffs=[8.0], soft_prompt=soft, max_new_tokens=12
+    )
+    print(both)
+    assert [r.label for r in both.rows] == ["unsteered", "coeff +8"]
+    assert both.rows[1].text != alone and both.rows[0].text != alone
