@@ -552,7 +552,7 @@ class _Grid:
         return out
 
     def arrange(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-cell values ``[cells]`` (cell order) or per-layer attribution rows -> the grid's shape."""
+        """Per-cell values in cell order (``[cells]``, or ``[layers, cells per layer]``) -> the grid's shape."""
         return values.reshape(self.shape)
 
     def attribution(self, product: torch.Tensor) -> torch.Tensor:
@@ -562,8 +562,7 @@ class _Grid:
         """
         by_layer = self.cells[: len(self.cells) // self.shape[0]]
         if self.pattern:
-            per = product.sum(dim=(0, 2, 3))  # [head]
-            return per
+            return product.sum(dim=(0, 2, 3))  # [head]
         if self.axes[1:] == ("head",):
             return product.sum(dim=(0, 1, 3))  # [head]
         if self.axes[1:] == ("head", "pos"):
