@@ -538,8 +538,6 @@ def train_soft_prompt(
                     stopped = f"early stop at step {step}: no better validation loss for {patience} checks"
                     break
     bar.close()
-    if best[1] == 0:
-        best = (math.inf, 0, best[2])
     kept = best[2]
     trained = replace(
         soft,
