@@ -147,7 +147,8 @@ def layer_of(name: str) -> int | None:
 def attach(model, hooks: Sequence[tuple[str, HookFn]], what: str = "intervention") -> Iterator[None]:
     """Attach ``fn(activation, state)`` at each named hook point for the ``with`` block.
 
-    ``what`` names the feature in the error raised when a hook never fires.
+    ``what`` names the feature in the error raised when a hook never fires. ``blocks.L.hook_resid_mid``
+    means the residual stream between attention and MLP, read and written as such (see ``_resid_mid``).
     """
     for name, _ in hooks:
         check_hook_name(model, name)
@@ -161,7 +162,9 @@ def attach(model, hooks: Sequence[tuple[str, HookFn]], what: str = "intervention
 
             return hook_fn
 
-        fwd_hooks = [(name, wrap(fn, w)) for (name, fn), w in zip(hooks, watches)]
+        fwd_hooks = []
+        for (name, fn), watch in zip(hooks, watches):
+            fwd_hooks += _resid_mid(name, wrap(fn, watch)) if _MID.match(name) else [(name, wrap(fn, watch))]
         tracker.watches.extend(watches)
         try:
             with contextlib.ExitStack() as stack:
@@ -173,6 +176,32 @@ def attach(model, hooks: Sequence[tuple[str, HookFn]], what: str = "intervention
         finally:
             for watch in watches:
                 tracker.watches.remove(watch)
+
+
+def _resid_mid(name: str, hook_fn) -> list[tuple[str, Callable]]:
+    """TransformerLens hooks that give ``hook_fn`` the residual stream between attention and MLP and
+    make its edits reach the residual stream.
+
+    TransformerBridge's ``hook_resid_mid`` is the second norm's input hook: an edit there reaches the
+    MLP, but the block adds the MLP's output to the unedited tensor, and a gradient taken there misses
+    the residual path. So ``resid_mid = resid_pre + attn_out`` is formed at the attention output and
+    the attention output becomes ``edited - resid_pre``, after which the residual stream is ``edited``
+    and gradients flow through the residual path too.
+    """
+    layer = layer_of(name)
+    pre: dict[str, torch.Tensor] = {}
+
+    def keep_pre(activation: torch.Tensor, hook) -> None:
+        pre["x"] = activation
+
+    def at_attn_out(activation: torch.Tensor, hook) -> torch.Tensor | None:
+        edited = hook_fn(pre["x"] + activation, hook)
+        return None if edited is None else edited - pre["x"]
+
+    return [(f"blocks.{layer}.hook_resid_pre", keep_pre), (f"blocks.{layer}.hook_attn_out", at_attn_out)]
+
+
+_MID = re.compile(r"^blocks\.\d+\.hook_resid_mid$")
 
 
 def read(

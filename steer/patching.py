@@ -215,16 +215,10 @@ def patch(
     Returns:
         a ``PatchResult``.
     """
-    if direction not in ("denoise", "noise"):
-        raise SteerValueError(f"direction is 'denoise' (clean into corrupted) or 'noise'; got {direction!r}.")
-    runs = _Runs.build(model, clean, corrupted, metric)
-    grid = _Grid.build(model, what, layers, positions, runs.labels)
-    source, target = (runs.clean, runs.corrupted) if direction == "denoise" else (runs.corrupted, runs.clean)
+    runs, grid, source, target = _prepare(model, clean, corrupted, metric, what, layers, positions, direction)
     sources, source_logits = _capture(model, source, grid.hooks(), runs.scorer)
     base = _target(model, target)
-    values = _patched(
-        model, base, grid.writes(sources, base), grid, runs.scorer, batch_size, memory_mb, progress
-    )
+    values = _patched(model, base, sources, grid, runs.scorer, batch_size, memory_mb, progress)
     ends = runs.scorer(source_logits).item(), runs.scorer(base.logits).item()
     return runs.result(grid, values, "exact", normalize, direction, *ends)
 
@@ -248,19 +242,12 @@ def attribution_patch(
     summed over the cell's positions, heads and features. Arguments as for ``patch``; compare with an
     exact grid by ``result.correlation(exact)``.
     """
-    if direction not in ("denoise", "noise"):
-        raise SteerValueError(f"direction is 'denoise' (clean into corrupted) or 'noise'; got {direction!r}.")
-    runs = _Runs.build(model, clean, corrupted, metric)
-    grid = _Grid.build(model, what, layers, positions, runs.labels)
-    source, target = (runs.clean, runs.corrupted) if direction == "denoise" else (runs.corrupted, runs.clean)
-    reads, writes = grid.hooks(), grid.write_hooks()
-    acts, grads, ends = _gradients(model, source, target, reads, writes, runs.scorer)
+    runs, grid, source, target = _prepare(model, clean, corrupted, metric, what, layers, positions, direction)
+    hooks = grid.hooks()
+    acts, grads, ends = _gradients(model, source, target, hooks, runs.scorer)
     rows = source.tokens.shape[0]
     estimate = torch.stack(
-        [
-            ends[1] + grid.attribution(grads[write] * (acts[read][:rows] - acts[read][rows:]))
-            for read, write in zip(reads, writes)
-        ]
+        [ends[1] + grid.attribution(grads[name] * (acts[name][:rows] - acts[name][rows:])) for name in hooks]
     )
     return runs.result(grid, grid.arrange(estimate), "attribution", normalize, direction, *ends)
 
@@ -323,13 +310,21 @@ def causal_trace(
     sources, clean_logits = _capture(model, runs.clean, grid.hooks(), runs.scorer)
     with attach(model, [("hook_embed", add_noise)], what="causal trace noise"):
         base = _target(model, runs.clean)
-    values = _patched(
-        model, base, grid.writes(sources, base), grid, runs.scorer, batch_size, memory_mb, progress
-    )
+    values = _patched(model, base, sources, grid, runs.scorer, batch_size, memory_mb, progress)
     ends = runs.scorer(clean_logits).item(), runs.scorer(base.logits).item()
     result = runs.result(grid, values, "causal trace", normalize, "denoise", *ends)
     result.notes.update(noise=noise, samples=samples, seed=seed, window=window)
     return result
+
+
+def _prepare(model, clean, corrupted, metric, what, layers, positions, direction):
+    """The runs, the grid, and which batch is the source and which the target."""
+    if direction not in ("denoise", "noise"):
+        raise SteerValueError(f"direction is 'denoise' (clean into corrupted) or 'noise'; got {direction!r}.")
+    runs = _Runs.build(model, clean, corrupted, metric)
+    grid = _Grid.build(model, what, layers, positions, runs.labels)
+    source, target = (runs.clean, runs.corrupted) if direction == "denoise" else (runs.corrupted, runs.clean)
+    return runs, grid, source, target
 
 
 # --- prompts, metrics and grids ---------------------------------------------------------------------
@@ -521,35 +516,9 @@ class _Grid:
         axes = ("layer", *rest)
         return cls(what, hook, axes, {a: axis_labels[a] for a in axes}, cells, shape, what == "pattern")
 
-    def layers(self) -> list[int]:
-        return sorted({x for c in self.cells for x in c.layers})
-
     def hooks(self) -> list[str]:
-        """The hook point read at every layer any cell patches, in layer order."""
-        return [self.hook.format(layer) for layer in self.layers()]
-
-    @property
-    def write_hook(self) -> str:
-        return "blocks.{}.hook_attn_out" if self.what == "resid_mid" else self.hook
-
-    def write_hooks(self) -> list[str]:
-        """Where each of ``hooks()`` is written.
-
-        TransformerBridge's ``hook_resid_mid`` is the input hook of the second norm: an edit there
-        reaches the MLP but not the residual stream, which adds the unedited tensor. So the residual
-        stream between attention and MLP is written through the attention output instead:
-        ``resid_mid = resid_pre + attn_out``.
-        """
-        return [self.write_hook.format(layer) for layer in self.layers()]
-
-    def writes(self, sources: dict[str, torch.Tensor], base) -> dict[str, torch.Tensor]:
-        """What each write hook copies from: the source activations, or for ``resid_mid`` the attention
-        output that turns the target's ``resid_pre`` into the source's ``resid_mid``. Valid for runs
-        that start at the layer they patch, which every ``resid_mid`` cell does."""
-        out = {}
-        for layer, read, write in zip(self.layers(), self.hooks(), self.write_hooks()):
-            out[write] = sources[read] if read == write else sources[read] - base.resid[layer - 1]
-        return out
+        """The hook point of every layer any cell patches, in layer order."""
+        return [self.hook.format(layer) for layer in sorted({x for c in self.cells for x in c.layers})]
 
     def arrange(self, values: torch.Tensor) -> torch.Tensor:
         """Per-cell values in cell order (``[cells]``, or ``[layers, cells per layer]``) -> the grid's shape."""
@@ -599,7 +568,7 @@ def _target(model, batch: Tokens):
 
 
 def _patched(
-    model, base, writes, grid: _Grid, scorer: _Scorer, batch_size, memory_mb, progress
+    model, base, sources, grid: _Grid, scorer: _Scorer, batch_size, memory_mb, progress
 ) -> torch.Tensor:
     """The metric of every cell's patched run, ``grid.shape``."""
     rows = base.state.batch
@@ -616,7 +585,7 @@ def _patched(
         else:
             chunks.append([i])
     out = torch.empty(len(grid.cells))
-    walker = _Walker(model, base, writes, grid)
+    walker = _Walker(model, base, sources, grid)
     show = progress if progress is not None else len(chunks) > 1
     with walker.hooked():
         for chunk in tqdm(chunks, desc=f"patching {grid.what}", disable=not show, leave=False):
@@ -629,20 +598,20 @@ class _Walker:
     """Runs a chunk of patched runs that start at the same position through the blocks, each run
     joining the batch at the first layer it patches."""
 
-    def __init__(self, model, base, writes: dict[str, torch.Tensor], grid: _Grid) -> None:
-        self.model, self.base, self.writes, self.grid = model, base, writes, grid
+    def __init__(self, model, base, sources: dict[str, torch.Tensor], grid: _Grid) -> None:
+        self.model, self.base, self.sources, self.grid = model, base, sources, grid
         self.edits: list[tuple[int, _Cell]] = []  # (first row, cell) to patch in the block now running
         self.start = 0
         self.fired = False
 
     @contextlib.contextmanager
     def hooked(self):
-        names = self.grid.write_hooks()
+        names = self.grid.hooks()
         with attach(self.model, [(name, self._edit(name)) for name in names], what="patch"):
             yield
 
     def _edit(self, name: str):
-        source = self.writes[name]
+        source = self.sources[name]
 
         def fn(x: torch.Tensor, state) -> torch.Tensor | None:
             if not self.edits:
@@ -696,7 +665,7 @@ class _Walker:
                     edited, self.edits = bool(self.edits), []
                 if edited and not self.fired:
                     raise SteerError(
-                        f"Hook point {self.grid.write_hook.format(layer)} never fired, so nothing was patched; "
+                        f"Hook point {self.grid.hook.format(layer)} never fired, so nothing was patched; "
                         "pick a hook point this model runs."
                     )
                 x = out[0] if isinstance(out, tuple) else out
@@ -735,12 +704,11 @@ def _suffix(kwargs: dict, start: int) -> dict:
     return out
 
 
-def _gradients(model, source: Tokens, target: Tokens, reads: list[str], writes: list[str], scorer: _Scorer):
+def _gradients(model, source: Tokens, target: Tokens, hooks: list[str], scorer: _Scorer):
     """One forward pass over the source and target rows together and one backward pass.
 
-    Returns the activations at ``reads`` (``[source rows; target rows]``), the gradient of the target
-    run's metric with respect to the target rows' activations at ``writes``, and the metric on
-    (source, target).
+    Returns the activations at ``hooks`` (``[source rows; target rows]``), the gradient of the target
+    run's metric with respect to the target rows' activations there, and the metric on (source, target).
     Both runs go through one pass because on a CPU a small batch costs about as much as one row: the
     weights are read once.
     """
@@ -763,16 +731,14 @@ def _gradients(model, source: Tokens, target: Tokens, reads: list[str], writes: 
     rows = source.tokens.shape[0]
     tokens = torch.cat([source.tokens, target.tokens]).to(device)
     mask = torch.cat([source.attention_mask, target.attention_mask]).to(device)
-    hooked = [("blocks.0.hook_resid_pre", leaf)] + [
-        (name, keep(name)) for name in dict.fromkeys(reads + writes)
-    ]
+    hooked = [("blocks.0.hook_resid_pre", leaf)] + [(name, keep(name)) for name in hooks]
     with torch.enable_grad(), attach(model, hooked, what="attribution"):
         logits = forward_last(model, tokens, mask, scorer.keep)
         value = scorer(logits[rows:])[0]
-        grads = torch.autograd.grad(value, [acts[name] for name in writes], allow_unused=True)
+        grads = torch.autograd.grad(value, [acts[name] for name in hooks], allow_unused=True)
     grads = {
         name: torch.zeros_like(acts[name][rows:]) if g is None else g[rows:].detach()
-        for name, g in zip(writes, grads)
+        for name, g in zip(hooks, grads)
     }
     ends = scorer(logits[:rows].detach()).item(), value.item()
     return {name: a.detach() for name, a in acts.items()}, grads, ends

@@ -33,6 +33,7 @@ from steer.errors import SteerTypeError, SteerValueError
 from steer.hooks import attach, forward_last
 from steer.positions import CallState, select
 from steer.prompts import ContrastivePair, Tokens, pad
+from steer.vector import read_file, write_file
 
 FORMAT = "steer.soft_prompt"
 FORMAT_VERSION = 1
@@ -299,27 +300,17 @@ class SoftPrompt:
 
     def save(self, path: str | os.PathLike) -> None:
         """A safetensors file: ``embeddings``, ``init``, ``deep.{L}``, provenance as JSON metadata."""
-        from safetensors.torch import save_file
-
         tensors = {"embeddings": self.embeddings}
         if self.init is not None:
             tensors["init"] = self.init
         tensors.update({f"deep.{x}": v for x, v in self.deep.items()})
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
         meta = {"model_name": self.model_name, "d_model": self.d_model, "origin": self.origin}
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(
-            tensors,
-            tmp,
-            metadata={"format": FORMAT, "version": str(FORMAT_VERSION), "steer": json.dumps(meta)},
-        )
-        tmp.replace(path)
+        write_file(path, tensors, FORMAT, FORMAT_VERSION, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> SoftPrompt:
         """Read a file written by ``save``; with ``model``, also check that it fits."""
-        header, tensors = _read_safetensors(path, "soft prompt")
+        header, tensors = read_file(path, "soft prompt")
         if header.get("format") != FORMAT:
             raise SteerValueError(
                 f"{path} is a safetensors file but not a steer soft prompt (no '{FORMAT}' metadata). "
@@ -387,7 +378,7 @@ class SoftPrompt:
             raise SteerValueError(
                 f"{folder} holds a {config.get('peft_type')!r} adapter; only PROMPT_TUNING adapters are soft prompts."
             )
-        _, tensors = _read_safetensors(folder / "adapter_model.safetensors", "PEFT adapter")
+        _, tensors = read_file(folder / "adapter_model.safetensors", "PEFT adapter")
         if "prompt_embeddings" not in tensors:
             raise SteerValueError(f"{folder}/adapter_model.safetensors has no 'prompt_embeddings' tensor.")
         vectors = tensors["prompt_embeddings"].float()
@@ -630,16 +621,3 @@ def _embedding_matrix(model) -> torch.Tensor:
 def _check_n(n: int) -> None:
     if not isinstance(n, int) or n < 0:
         raise SteerValueError(f"n is the number of virtual tokens, 0 or more; got n={n!r}.")
-
-
-def _read_safetensors(path, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise SteerValueError(f"No such {what} file: {path}.")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise SteerValueError(f"{path} is not a safetensors file ({err}); is it a {what}?") from err

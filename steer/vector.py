@@ -167,8 +167,6 @@ class SteeringVector:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file: one tensor ``layer.{L}`` per layer, provenance as JSON metadata."""
-        from safetensors.torch import save_file
-
         tensors = {
             f"layer.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in self.directions.items()
         }
@@ -182,31 +180,12 @@ class SteeringVector:
             "n_pairs": self.n_pairs,
             "residual_norms": {str(k): v for k, v in self.residual_norms.items()},
         }
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(
-            tensors,
-            tmp,
-            metadata={"format": FORMAT, "version": str(FORMAT_VERSION), "steer": json.dumps(meta)},
-        )
-        tmp.replace(path)
+        write_file(path, tensors, FORMAT, FORMAT_VERSION, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> SteeringVector:
         """Read a file written by ``save``; with ``model``, also check the vector fits it."""
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise SteerValueError(f"No such vector file: {path}.")
-        try:
-            with safe_open(path, framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise SteerValueError(
-                f"{path} is not a safetensors file ({err}); is it a steering vector?"
-            ) from err
+        header, tensors = read_file(path, "steering vector")
         if header.get("format") != FORMAT:
             raise SteerValueError(
                 f"{path} is a safetensors file but not a steer steering vector (no '{FORMAT}' metadata). "
@@ -263,6 +242,34 @@ class SteeringVector:
             f"<div><b>{title}</b><table><thead><tr><th>layer</th><th>norm</th><th>residual norm</th>"
             f"<th>ratio</th></tr></thead><tbody>{rows}</tbody></table></div>"
         )
+
+
+def write_file(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str, version: int, meta: dict
+) -> None:
+    """Write float32 ``tensors`` and JSON ``meta`` as a safetensors file tagged ``kind``, through a
+    temporary file so that a failed write leaves any existing file as it was."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata={"format": kind, "version": str(version), "steer": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def read_file(path: str | os.PathLike, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a safetensors file; never unpickles anything."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SteerValueError(f"No such {what} file: {path}.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SteerValueError(f"{path} is not a safetensors file ({err}); is it a {what}?") from err
 
 
 def _compact(layers: list[int]) -> str:

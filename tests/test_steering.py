@@ -275,3 +275,29 @@ def test_sentiment_vector_shifts_held_out_sentiment_monotonically(smollm, capsys
         print("  coeff: " + " ".join(f"{c:>6.1f}" for c in coeffs))
         print("  score: " + " ".join(f"{s:>6.2f}" for s in mean))
     assert all(a < b for a, b in itertools.pairwise(mean)), mean
+
+
+def test_steering_resid_mid_moves_the_residual_stream_not_just_the_mlp_input(smollm, hf_smollm):
+    """Oracle: a plain PyTorch hook adding the vector to the attention block's output on plain HF,
+    which is adding it to the residual stream between attention and MLP."""
+    layer, d = 8, smollm.cfg.d_model
+    v = torch.randn(d, generator=torch.Generator().manual_seed(0)) * 2
+    vector = steer.SteeringVector(
+        {layer: v}, smollm.cfg.model_name, d, smollm.cfg.n_layers, hook="blocks.{layer}.hook_resid_mid"
+    )
+    batch = steer.tokenize(smollm, ["The weather today is", "I think that"])
+
+    def add(module, args, output):
+        return (output[0] + v, *output[1:]) if isinstance(output, tuple) else output + v
+
+    handle = hf_smollm.model.layers[layer].self_attn.register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            expected = hf_smollm(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
+    finally:
+        handle.remove()
+    with torch.no_grad(), steer.steering(smollm, vector, coeff=1.0, positions="all"):
+        ours = smollm(batch.tokens, attention_mask=batch.attention_mask)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(ours[real], expected[real], atol=1e-3, rtol=1e-3)
+    _assert_clean(smollm)

@@ -92,7 +92,7 @@ def test_load_refuses_files_that_are_not_vectors(tmp_path, tiny_llama):
     save_file({"w": torch.ones(2)}, other)
     with pytest.raises(steer.SteerError, match="not a steer steering vector"):
         SteeringVector.load(other)
-    with pytest.raises(steer.SteerError, match="No such vector file"):
+    with pytest.raises(steer.SteerError, match="No such steering vector file"):
         SteeringVector.load(tmp_path / "missing.safetensors")
     # NaN smuggled into a file is refused on load, and the file is left alone.
     nan = tmp_path / "nan.safetensors"
