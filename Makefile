@@ -33,6 +33,7 @@ lint: setup
 figures: setup
 	$(PY) examples/sweep_figure.py docs
 	$(PY) examples/patching_figure.py docs
+	$(PY) examples/attention_figure.py docs
 
 bench: setup
 	cd benchmarks && for b in bench_*.py; do ../$(PY) $$b || exit 1; done

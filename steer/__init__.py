@@ -1,5 +1,6 @@
 """steer: activation steering for PyTorch language models on TransformerLens."""
 
+from steer.attention import AttentionMaps, Emphasis, HeadProfile, attention_maps, profile_heads
 from steer.errors import SteerError, SteerTypeError, SteerValueError
 from steer.evaluate import (
     ab_behaviour,
@@ -15,8 +16,9 @@ from steer.evaluate import (
 from steer.extract import extract
 from steer.generate import Generation, Generations, generate
 from steer.hooks import read
+from steer.metrics import answer_prob, logit_diff
 from steer.model import load_model
-from steer.patching import PatchResult, answer_prob, attribution_patch, causal_trace, logit_diff, patch
+from steer.patching import PatchResult, attribution_patch, causal_trace, patch
 from steer.prompts import (
     ABItem,
     ContrastivePair,
@@ -39,9 +41,12 @@ from steer.vector import SteeringVector
 
 __all__ = [
     "ABItem",
+    "AttentionMaps",
     "ContrastivePair",
+    "Emphasis",
     "Generation",
     "Generations",
+    "HeadProfile",
     "Intervention",
     "PatchResult",
     "PatchingPrompts",
@@ -56,6 +61,7 @@ __all__ = [
     "ab_items",
     "ab_pairs",
     "answer_prob",
+    "attention_maps",
     "attribution_patch",
     "causal_trace",
     "chat_prompt",
@@ -72,6 +78,7 @@ __all__ = [
     "neutral_text",
     "pairs_from",
     "patch",
+    "profile_heads",
     "projections",
     "read",
     "score",

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from steer.errors import SteerValueError
+from steer.attention import Emphasis, check_editable
+from steer.errors import SteerTypeError, SteerValueError
 from steer.positions import Selector, is_per_row
 from steer.prompts import chat_prompt, tokenize
 from steer.soft_prompt import SoftPrompt
@@ -81,7 +82,7 @@ class Generations:
 def generate(
     model,
     prompts: str | Sequence[str],
-    *items: SteeringVector | Intervention,
+    *items: SteeringVector | Intervention | Emphasis,
     coeffs: float | Sequence[float] = 1.0,
     layers: int | Sequence[int] | None = None,
     positions: Selector = "all",
@@ -107,7 +108,8 @@ def generate(
     wraps each prompt in the model's chat template first. Greedy by default; with ``do_sample`` a
     ``seed`` makes the samples repeatable without touching the global random state. Rows stop at EOS
     unless ``stop_at_eos=False``, which always generates ``max_new_tokens`` tokens. A ``soft_prompt``
-    is applied to the steered rows (alone, or together with the steering).
+    is applied to the steered rows (alone, or together with the steering), and so is an ``Emphasis``
+    (attention steering) passed among ``items``.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -117,6 +119,15 @@ def generate(
     coeff_list = [coeffs] if isinstance(coeffs, (int, float)) else list(coeffs)
     vectors = [i for i in items if isinstance(i, SteeringVector)]
     given = [i for i in items if isinstance(i, Intervention)]
+    emphases = [i for i in items if isinstance(i, Emphasis)]
+    other = [i for i in items if not isinstance(i, (SteeringVector, Intervention, Emphasis))]
+    if other:
+        raise SteerTypeError(
+            f"generate() steers with SteeringVector, Intervention or Emphasis objects, not "
+            f"{type(other[0]).__name__}; pass prompts first, then those."
+        )
+    if len(emphases) > 1:
+        raise SteerValueError("Pass at most one Emphasis; list all its spans and heads in that one.")
     if vectors and given:
         raise SteerValueError(
             "Pass either one SteeringVector with coeffs, or Intervention objects, not both."
@@ -137,7 +148,7 @@ def generate(
 
     # Variants per prompt: None = unsteered, else a coefficient (or True for "the interventions as given").
     variants: list = ([None] if compare or not (items or soft_prompt) else []) + (
-        coeff_list if vectors else [True] if given or soft_prompt is not None else []
+        coeff_list if vectors else [True] if given or emphases or soft_prompt is not None else []
     )
     texts = [chat_prompt(model, p) if chat else p for p in prompts]
     rows = [(p, t, v) for p, t in zip(prompts, texts) for v in variants]
@@ -147,6 +158,14 @@ def generate(
     else:
         batch, selectors = soft_prompt.tokenize(model, [t for _, t, _ in rows], use=steered)
         soft = soft_prompt.hooked(model, selectors)
+    emphasis = contextlib.nullcontext()
+    if emphases:
+        masks = [m for m in emphases[0].token_masks(model, texts) for _ in variants]
+        if soft_prompt is not None:  # the virtual tokens sit inside the steered rows' prompts
+            at, blank = soft_prompt.offset(model), [False] * soft_prompt.n
+            masks = [m[:at] + blank + m[at:] if s else m for m, s in zip(masks, steered)]
+        check_editable(model, next(iter(emphases[0].head_map(model))))
+        emphasis = emphases[0].hooked(model, [m if s else None for m, s in zip(masks, steered)])
     per_row_positions = [positions if s else None for s in steered]
 
     if vectors:
@@ -169,6 +188,7 @@ def generate(
     with (
         torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
         soft,
+        emphasis,
         context,
         torch.no_grad(),
     ):

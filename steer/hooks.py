@@ -47,6 +47,7 @@ class _Tracker:
         self.state: CallState | None = None
         self.watches: list[_Watch] = []
         self.users = 0
+        self.paused = False
         self._prompt_width: int | None = None
         self._generating = False
         hf = model.original_model
@@ -121,6 +122,21 @@ def _tracking(model) -> Iterator[_Tracker]:
             del _trackers[model]
 
 
+@contextlib.contextmanager
+def paused(model) -> Iterator[None]:
+    """Inside the block, every hook steer attached to ``model`` passes its activation through unchanged,
+    so steer can run a probe of its own inside a user's ``with`` blocks."""
+    tracker = _trackers.get(model)
+    if tracker is None:
+        yield
+        return
+    before, tracker.paused = tracker.paused, True
+    try:
+        yield
+    finally:
+        tracker.paused = before
+
+
 def check_hook_name(model, name: str) -> None:
     """Refuse a hook point the model does not have, naming the valid range."""
     if name in model.hook_dict:
@@ -158,7 +174,7 @@ def attach(model, hooks: Sequence[tuple[str, HookFn]], what: str = "intervention
         def wrap(fn: HookFn, watch: _Watch):
             def hook_fn(activation: torch.Tensor, hook) -> torch.Tensor | None:
                 watch.fired = True
-                return fn(activation, tracker.state)
+                return None if tracker.paused else fn(activation, tracker.state)
 
             return hook_fn
 

@@ -161,6 +161,60 @@ def training_curve(training: Any, *, ax=None):
     return fig
 
 
+def attention_maps(maps: Any):
+    """One head's attention pattern without and with emphasis, side by side; emphasised tokens in bold
+    red on the key axis, and each panel's mean attention mass on them in its title."""
+    plt = _pyplot()
+    n = len(maps.tokens)
+    size = min(14, 0.22 * n + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size + 0.6), sharey=True)
+    labels = [repr(t)[1:-1].replace("Ġ", " ").replace("Ċ", "\\n") for t in maps.tokens]
+    masses = maps.span_mass()
+    for ax, pattern, name, mass in zip(axes, (maps.before, maps.after), ("unsteered", "emphasised"), masses):
+        ax.imshow(pattern.numpy(), cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), labels, fontsize=7)
+        for tick, inside in zip(ax.get_xticklabels(), maps.emphasised):
+            if inside:
+                tick.set_color("tab:red")
+                tick.set_fontweight("bold")
+        ax.set_xlabel("key")
+        ax.set_title(f"{name}: {mass:.0%} of attention on the spans", fontsize=9)
+    axes[0].set_ylabel("query")
+    fig.suptitle(f"L{maps.layer}.H{maps.head}, alpha {maps.alpha:g}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def head_profile(profile: Any, *, k: int = 15):
+    """Effect of emphasising with each head (or layer) alone: a layer x head map and the ``k`` best
+    ranked as bars."""
+    plt = _pyplot()
+    effects = profile.effects
+    by_head = profile.by == "head"
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(11, max(3.5, 0.16 * effects.shape[0] + 1.5)), width_ratios=(1, 1.3)
+    )
+    limit = float(effects.nan_to_num(0).abs().max()) or 1.0
+    image = left.imshow(effects.numpy(), aspect="auto", cmap="RdBu", vmin=-limit, vmax=limit, origin="lower")
+    fig.colorbar(image, ax=left, label=f"change in {profile.metric}")
+    left.set_ylabel("layer")
+    left.set_xlabel("head" if by_head else "")
+    left.set_xticks(range(effects.shape[1]) if by_head else [])
+    left.set_title(f"each {'head' if by_head else 'layer'} alone, alpha {profile.alpha:g}", fontsize=9)
+    best = profile.top(k)
+    names = [f"L{layer}" if head is None else f"L{layer}.H{head}" for layer, head, _ in best]
+    values = [effect for *_, effect in best]
+    right.barh(range(len(best)), values, color=["tab:blue" if v > 0 else "tab:red" for v in values])
+    right.set_yticks(range(len(best)), names, fontsize=8)
+    right.invert_yaxis()
+    right.axvline(0, color="grey", lw=0.8)
+    right.set_xlabel(f"change in {profile.metric} (unsteered {profile.baseline:.3g})")
+    right.set_title(f"best {len(best)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def _scale(values: list[float]) -> list[float]:
     """Values mapped to [-1, 1] by the largest magnitude."""
     top = max((abs(v) for v in values), default=0.0) or 1.0

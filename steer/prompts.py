@@ -369,3 +369,35 @@ def _read_value(value: Any) -> int | str | None:
     if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
         return int(value)
     return value
+
+
+def token_mask(model_or_tokenizer: Any, text: str, spans: Sequence[str | tuple[int, int]]) -> list[bool]:
+    """One bool per token of ``text`` (BOS policy as ``tokenize``): whether it lies in any of ``spans``.
+
+    A span is a substring (every occurrence counts) or ``(start, end)`` character offsets into ``text``.
+    A token counts when it shares a non-space character with a span, so the leading space a token
+    carries does not pull it into the span before it.
+    """
+    tokenizer = _tokenizer_of(model_or_tokenizer)
+    ranges = []
+    for span in spans:
+        if isinstance(span, str):
+            found = [m.start() for m in re.finditer(re.escape(span), text)] if span.strip() else []
+            if not found:
+                raise SteerValueError(
+                    f"The span {span!r} does not occur in the prompt {text[:80]!r}; give a substring of "
+                    "the prompt as it is tokenized (after any chat template), or character offsets."
+                )
+            ranges += [(start, start + len(span)) for start in found]
+        else:
+            start, end = span
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
+                raise SteerValueError(
+                    f"The character span {span!r} is not inside the prompt (0..{len(text)}); give "
+                    "(start, end) with 0 <= start < end <= len(prompt)."
+                )
+            if not text[start:end].strip():
+                raise SteerValueError(f"The character span {span!r} covers only whitespace.")
+            ranges.append((start, end))
+    offsets = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+    return [any(text[max(a, s) : min(b, e)].strip() for s, e in ranges) for a, b in offsets]

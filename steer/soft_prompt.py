@@ -123,7 +123,7 @@ class SoftPrompt:
 
         def keep(layer: int):
             def fn(x: torch.Tensor, state: CallState) -> None:
-                found[layer] = x[0, self._offset(model) : self._offset(model) + self.n].detach().float().cpu()
+                found[layer] = x[0, self.offset(model) : self.offset(model) + self.n].detach().float().cpu()
 
             return fn
 
@@ -167,7 +167,7 @@ class SoftPrompt:
         if not texts:
             raise SteerValueError("No texts to tokenize: pass at least one string.")
         use = [True] * len(texts) if use is None else list(use)
-        offset = self._offset(model)
+        offset = self.offset(model)
         rows, selectors = [], []
         for text, on in zip(texts, use):
             if not isinstance(text, str):
@@ -205,7 +205,7 @@ class SoftPrompt:
         with attach(model, hooks, what="soft prompt"):
             yield
 
-    def _offset(self, model) -> int:
+    def offset(self, model) -> int:
         """Where the virtual tokens go: after BOS if the tokenizer starts texts with it."""
         tok = model.tokenizer
         first = tok("a", add_special_tokens=True)["input_ids"][:1]
