@@ -32,6 +32,7 @@ from steer.generate import generate
 from steer.hooks import attach, cache_rows, read, resume, trunk
 from steer.positions import CallState, Selector, is_per_row
 from steer.prompts import ContrastivePair, Tokens, ab_items, chat_prompt, pad, pairs_from, tokenize
+from steer.soft_prompt import SoftPrompt
 from steer.steering import Intervention, edit_fn, steering
 from steer.vector import RESID_POST, SteeringVector
 
@@ -123,10 +124,14 @@ class Score:
         return f"Score({self.name} = {self.mean:.4f} over {len(self.per_item)} items)"
 
 
-def score(model, behaviour: Behaviour, *, batch_size: int = 32) -> Score:
-    """Score the model as it is now (inside ``steer.steering`` for a steered model)."""
+def score(
+    model, behaviour: Behaviour, *, batch_size: int = 32, soft_prompt: SoftPrompt | None = None
+) -> Score:
+    """Score the model as it is now (inside ``steer.steering`` for a steered model), with
+    ``soft_prompt`` in front of every prompt if given."""
     plan = _Plan.build(model, behaviour)
-    logp = plan.items([plan.readout(model, logits, rows) for rows, logits in plan.forward(model, batch_size)])
+    chunks = plan.forward(model, batch_size, soft_prompt)
+    logp = plan.items([plan.readout(model, logits, rows) for rows, logits in chunks])
     return Score(behaviour.name, behaviour.reduce(logp).tolist(), behaviour.items)
 
 
@@ -140,14 +145,19 @@ class SideEffects:
 
 
 def side_effects(
-    model, *interventions: Intervention, texts: Sequence[str] | None = None, batch_size: int = 16
+    model,
+    *interventions: Intervention,
+    texts: Sequence[str] | None = None,
+    batch_size: int = 16,
+    soft_prompt: SoftPrompt | None = None,
 ) -> SideEffects:
     """KL divergence from the unsteered model and perplexity on ``texts`` (default ``neutral_text()``),
-    under the given interventions."""
+    under the given interventions and with ``soft_prompt`` in front of each text, if given; both are
+    measured on the texts' own tokens."""
     neutral = _Neutral.build(model, texts, batch_size)
     kls, nlls = [], []
     with steering(model, *interventions) if interventions else contextlib.nullcontext():
-        for rows, logits in neutral.plan.forward(model, batch_size):
+        for rows, logits in neutral.plan.forward(model, batch_size, soft_prompt):
             kl, nll = neutral.compare(logits, rows)
             kls.append(kl)
             nlls.append(nll)
@@ -491,12 +501,18 @@ class _Plan:
             n += 1
         return n
 
-    def forward(self, model, batch_size: int):
-        """``(rows, logits)`` chunk by chunk, through the model as it is."""
+    def forward(self, model, batch_size: int, soft_prompt: SoftPrompt | None = None):
+        """``(rows, logits)`` chunk by chunk, through the model as it is, with ``soft_prompt`` if given
+        (its virtual tokens sit before the positions read, which are counted from each row's end)."""
         for start in range(0, len(self.rows), batch_size):
             rows = range(start, min(start + batch_size, len(self.rows)))
-            batch = self.batch(model, rows)
-            with torch.no_grad():
+            if soft_prompt is None:
+                batch, applied = self.batch(model, rows), contextlib.nullcontext()
+            else:
+                placed = [soft_prompt.place(model, self.rows[i]) for i in rows]
+                batch = _pad(model, [ids for ids, _ in placed])
+                applied = soft_prompt.hooked(model, [where for _, where in placed])
+            with torch.no_grad(), applied:
                 yield rows, model(batch.tokens, attention_mask=batch.attention_mask)
 
     def readout(self, model, out: torch.Tensor, rows: range, resid: bool = False) -> torch.Tensor:

@@ -167,17 +167,20 @@ class SoftPrompt:
         if not texts:
             raise SteerValueError("No texts to tokenize: pass at least one string.")
         use = [True] * len(texts) if use is None else list(use)
-        offset = self.offset(model)
         rows, selectors = [], []
         for text, on in zip(texts, use):
             if not isinstance(text, str):
                 raise SteerTypeError(f"Texts are strings; got a {type(text).__name__}.")
             ids = model.tokenizer(text, add_special_tokens=True)["input_ids"]
-            if on:
-                ids = ids[:offset] + [model.tokenizer.pad_token_id] * self.n + ids[offset:]
+            ids, selector = self.place(model, ids) if on else (ids, None)
             rows.append(ids)
-            selectors.append(slice(offset, offset + self.n) if on else None)
+            selectors.append(selector)
         return pad(rows, model.tokenizer.pad_token_id, padding_side), selectors
+
+    def place(self, model, ids: list[int]) -> tuple[list[int], slice]:
+        """``ids`` with a placeholder at each virtual position, and the slice of positions they take."""
+        at = self.offset(model)
+        return ids[:at] + [model.tokenizer.pad_token_id] * self.n + ids[at:], slice(at, at + self.n)
 
     @contextlib.contextmanager
     def applied(self, model, texts: str | Sequence[str], *, padding_side: str = "left") -> Iterator[Tokens]:

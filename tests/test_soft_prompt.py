@@ -214,3 +214,50 @@ def test_a_soft_prompt_and_a_steering_vector_compose_in_one_generation(smollm, s
     print(both)
     assert [r.label for r in both.rows] == ["unsteered", "coeff +8"]
     assert both.rows[1].text != alone and both.rows[0].text != alone
+
+
+def test_the_evaluation_scores_a_soft_prompt_as_a_hand_loop_does(smollm):
+    soft = SoftPrompt.from_text(smollm, "I am cheerful and happy.")
+    prompts = ["Today at work I felt", "My weekend was", "The food tasted"]
+    behaviour = steer.completion_behaviour(smollm, prompts, [" great"], [" terrible"])
+    texts = steer.neutral_text()[:3]
+    got = steer.score(smollm, behaviour, soft_prompt=soft, batch_size=2)
+    cost = steer.side_effects(smollm, texts=texts, soft_prompt=soft, batch_size=2)
+    good, bad = (smollm.tokenizer(w)["input_ids"][0] for w in (" great", " terrible"))
+    by_hand, kls, nlls = [], [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            with soft.applied(smollm, prompt) as batch:
+                logp = smollm(batch.tokens)[0, -1].log_softmax(-1)
+            by_hand.append(float(logp[good] - logp[bad]))
+        for text in texts:
+            ids = torch.tensor([smollm.tokenizer(text)["input_ids"]])
+            n = ids.shape[1]
+            plain = smollm(ids)[0, :-1].log_softmax(-1)
+            with soft.applied(smollm, text) as batch:
+                steered = smollm(batch.tokens)[0, -n:-1].log_softmax(-1)
+            kls.append(float((plain.exp() * (plain - steered)).sum(-1).mean()))
+            nlls.append(float(-steered.gather(1, ids[0, 1:, None]).mean()))
+    assert got.per_item == pytest.approx(by_hand, abs=1e-3)
+    assert cost.kl == pytest.approx(sum(kls) / 3, abs=1e-4) and cost.kl > 0.01
+    assert cost.perplexity == pytest.approx(torch.tensor(nlls).mean().exp().item(), rel=1e-4)
+
+
+def test_a_trained_soft_prompt_and_a_steering_vector_compared_by_the_evaluation(smollm, sentiment):
+    pairs = steer.example_pairs("sentiment")
+    soft = SoftPrompt.from_text(smollm, "Write a sentence.")
+    trained = steer.train_soft_prompt(
+        smollm, soft, pairs[:24], steps=12, lr=0.1, warmup=2, eval_every=4, progress=False
+    ).soft_prompt
+    prompts = ["Today at work I felt", "My weekend was", "The food tasted", "The film was"]
+    behaviour = steer.completion_behaviour(smollm, prompts, [" great", " good"], [" terrible", " bad"])
+    plain = steer.score(smollm, behaviour).mean
+    prompted = steer.score(smollm, behaviour, soft_prompt=trained).mean
+    with steer.steering(smollm, sentiment, coeff=6.0, layers=[10]):
+        steered = steer.score(smollm, behaviour).mean
+    cost = steer.side_effects(smollm, steer.Intervention(sentiment, 6.0, [10]))
+    soft_cost = steer.side_effects(smollm, soft_prompt=trained)
+    print(f"log-odds positive: plain {plain:.2f}, soft prompt {prompted:.2f} (KL {soft_cost.kl:.3f}), "
+          f"vector {steered:.2f} (KL {cost.kl:.3f})")  # fmt: skip
+    assert prompted > plain and steered > plain
+    assert soft_cost.kl > 0 and cost.kl > 0
