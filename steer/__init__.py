@@ -16,6 +16,7 @@ from steer.evaluate import (
 from steer.extract import extract
 from steer.generate import Generation, Generations, generate
 from steer.hooks import read
+from steer.interop import read_control_vector, write_control_vector
 from steer.metrics import answer_prob, logit_diff
 from steer.model import load_model
 from steer.patching import PatchResult, attribution_patch, causal_trace, patch
@@ -81,6 +82,7 @@ __all__ = [
     "profile_heads",
     "projections",
     "read",
+    "read_control_vector",
     "score",
     "score_generations",
     "side_effects",
@@ -89,4 +91,5 @@ __all__ = [
     "sweep",
     "tokenize",
     "train_soft_prompt",
+    "write_control_vector",
 ]
