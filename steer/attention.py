@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steer.errors import SteerError, SteerTypeError, SteerValueError
-from steer.hooks import attach, paused, resume, trunk
+from steer.hooks import attach, cache_prefix, paused, resume, trunk
 from steer.metrics import MetricLike, Scorer
 from steer.positions import CallState, select
 from steer.prompts import Tokens, pad, token_mask
@@ -345,8 +345,9 @@ def profile_heads(
     and measure ``metric`` (``steer.logit_diff``, ``steer.answer_prob`` or a function of the logits
     ``[prompts, pos, d_vocab]`` of the left-padded batch) against the unsteered run.
 
-    A head at layer ``L`` leaves blocks ``0..L-1`` alone, so the prompts run once and every steered run
-    resumes at its layer from the kept residual stream; ``batch_size`` bounds the rows per resumed run.
+    A head at layer ``L`` leaves blocks ``0..L-1`` alone, and every position before the first emphasised
+    token as it was, so the prompts run once and every steered run resumes at its layer and that position
+    from the kept residual stream and KV cache; ``batch_size`` bounds the rows per resumed run.
     """
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts or not all(isinstance(t, str) and t for t in texts):
@@ -364,9 +365,13 @@ def profile_heads(
     rows = [model.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
     batch = pad(rows, model.tokenizer.pad_token_id, "left")
     scorer = Scorer.build(model, metric, len(texts), len(texts))
-    kept = trunk(model, batch, [layer - 1 for layer in chosen])
+    kept = trunk(model, batch, [layer - 1 for layer in chosen], keep_cache=True)
     baseline = float(scorer(kept.logits)[0])
-    down = select("prompt", kept.state) & ~select(_row_masks(masks), kept.state)
+    inside = select(_row_masks(masks), kept.state)
+    down = select("prompt", kept.state) & ~inside
+    # A query that sees no emphasised key gets the same log(alpha) on every prompt key it sees, which the
+    # softmax cancels: columns before the first emphasised token are as in the unsteered run.
+    start = int(inside.any(dim=0).nonzero()[0])
 
     units = [None] if by == "layer" else list(range(n_heads))
     per_run = max(1, batch_size // len(texts))
@@ -380,12 +385,17 @@ def profile_heads(
         heads = einops.repeat(heads, "unit head -> (unit row) head", row=len(texts))
 
         fn = _fixed(down.repeat(len(group), 1), heads, math.log(alpha))
-        resid = kept.resid[layer - 1].repeat(len(group), 1, 1)
+        resid = kept.resid[layer - 1][:, start:].repeat(len(group), 1, 1)
+        prefix = cache_prefix(kept.cache, start, len(group), first_layer=layer) if start else None
         with attach(model, [(SCORES.format(layer), fn)], what="head profiling"):
-            final, _ = resume(model, kept, layer - 1, resid)
+            final, _ = resume(model, kept, layer - 1, resid, prefix, start=start)
         with torch.inference_mode():
-            x = final[:, -1:] if scorer.last_only else final
-            values = scorer(model.unembed(model.ln_final(x)))
+            if scorer.last_only:
+                logits = model.unembed(model.ln_final(final[:, -1:]))
+            else:
+                before = kept.logits[:, :start].repeat(len(group), 1, 1)
+                logits = torch.cat([before, model.unembed(model.ln_final(final)).to(before.dtype)], dim=1)
+            values = scorer(logits)
         columns = [0] if by == "layer" else group
         effects[layer, columns] = values.float().cpu() - baseline
     return HeadProfile(effects, baseline, scorer.name, by, alpha)

@@ -374,18 +374,21 @@ def trunk(model, batch: Tokens, layers: Sequence[int], *, past=None, keep_cache:
     return Trunk(logits, resid, captured["state"], captured["kwargs"], cache)
 
 
-def resume(model, kept: Trunk, layer: int, resid: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
+def resume(
+    model, kept: Trunk, layer: int, resid: torch.Tensor, cache=None, *, start: int = 0
+) -> tuple[torch.Tensor, object]:
     """Run blocks ``layer+1..`` from ``resid`` (``[k * batch, pos, d_model]``: the trunk's rows, repeated
     ``k`` times); return the final residual stream, before the final norm, and the KV cache.
 
     ``cache``: keys and values of the prefix the trunk ran after, for blocks ``layer+1..`` and all
     ``k * batch`` rows; it is extended in place. Without one, a fresh cache collects this run's keys and
-    values, so a later run can continue after these tokens.
+    values, so a later run can continue after these tokens. ``start``: ``resid`` holds only the trunk's
+    positions ``start..``, and ``cache`` the keys and values before them (see ``cache_prefix``).
     """
     from transformers import DynamicCache
 
     repeat = resid.shape[0] // kept.state.batch
-    kwargs = dict(_repeat_rows(kept.block_kwargs, kept.state.batch, repeat))
+    kwargs = dict(_repeat_rows(suffix_kwargs(kept.block_kwargs, start), kept.state.batch, repeat))
     kwargs.update(past_key_values=DynamicCache() if cache is None else cache, use_cache=True)
     x = resid
     with torch.inference_mode():  # measurably faster than no_grad here, and nothing is trained on the result
@@ -393,6 +396,39 @@ def resume(model, kept: Trunk, layer: int, resid: torch.Tensor, cache=None) -> t
             out = block(x, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
     return x, kwargs["past_key_values"]
+
+
+def suffix_kwargs(kwargs: dict, start: int) -> dict:
+    """The blocks' keyword arguments for positions ``start..`` of the run they were captured from."""
+    if not start:
+        return kwargs
+    out = dict(kwargs)
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        out["attention_mask"] = mask[:, :, start:]
+    if "position_embeddings" in kwargs:
+        out["position_embeddings"] = tuple(t[:, start:] for t in kwargs["position_embeddings"])
+    for key in ("position_ids", "cache_position"):
+        if kwargs.get(key) is not None:
+            out[key] = kwargs[key][..., start:]
+    return out
+
+
+def cache_prefix(cache, start: int, repeat: int, first_layer: int = 0):
+    """A new KV cache with ``cache``'s positions ``..start-1`` from ``first_layer`` on, its rows repeated
+    ``repeat`` times, for runs that recompute positions ``start..`` only."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for index, layer in enumerate(cache.layers):
+        keys = getattr(layer, "keys", None)
+        if index >= first_layer and keys is not None and keys.numel():
+            out.update(
+                keys[:, :, :start].repeat(repeat, 1, 1, 1),
+                layer.values[:, :, :start].repeat(repeat, 1, 1, 1),
+                index,
+            )
+    return out
 
 
 def cache_rows(cache, rows: torch.Tensor, first_layer: int = 0):

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steer.errors import SteerError, SteerTypeError, SteerValueError
-from steer.hooks import _repeat_rows, attach, check_hook_name, forward_last, trunk
+from steer.hooks import _repeat_rows, attach, check_hook_name, forward_last, suffix_kwargs, trunk
 from steer.metrics import MetricLike, Scorer
 from steer.positions import CallState
 from steer.prompts import Tokens, pad, token_span, tokenize
@@ -551,7 +551,7 @@ class _Walker:
         self.start = start
         joined: list[_Cell] = []
         x = None
-        kwargs = _suffix(base.block_kwargs, start)
+        kwargs = suffix_kwargs(base.block_kwargs, start)
         with torch.inference_mode():
             for layer in range(min(cells[0].layers), model.cfg.n_layers):
                 joining = [c for c in cells if min(c.layers) == layer]
@@ -599,22 +599,6 @@ def _write(x: torch.Tensor, source: torch.Tensor, cell: _Cell, start: int, patte
     there = slice(start, None) if cell.pos is None else cell.pos
     head = () if cell.head is None else (cell.head,)
     x[(slice(None), here, *head)] = source[(slice(None), there, *head)]
-
-
-def _suffix(kwargs: dict, start: int) -> dict:
-    """The blocks' keyword arguments for positions ``start..`` of the run they were captured from."""
-    if not start:
-        return kwargs
-    out = dict(kwargs)
-    mask = kwargs.get("attention_mask")
-    if mask is not None:
-        out["attention_mask"] = mask[:, :, start:]
-    if "position_embeddings" in kwargs:
-        out["position_embeddings"] = tuple(t[:, start:] for t in kwargs["position_embeddings"])
-    for key in ("position_ids", "cache_position"):
-        if kwargs.get(key) is not None:
-            out[key] = kwargs[key][..., start:]
-    return out
 
 
 def _gradients(model, source: Tokens, target: Tokens, hooks: list[str], scorer: Scorer):

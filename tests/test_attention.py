@@ -188,7 +188,7 @@ def test_generate_gives_each_prompt_its_own_spans_and_leaves_unsteered_rows_alon
 
 
 def test_profile_matches_a_naive_loop_over_heads_and_layers(tiny_llama):
-    texts = ["the cat sat on the mat", "a cat and a dog played"]
+    texts = ["the cat sat on the mat", "a dog and a big old cat played outside"]  # span late, padded
     metric = lambda logits: logits[:, -1, 7].mean() - logits[:, -1, 11].mean()  # noqa: E731
     by_head = profile_heads(tiny_llama, texts, "cat", metric, alpha=0.05, batch_size=6, progress=False)
     by_layer = profile_heads(tiny_llama, texts, "cat", metric, alpha=0.05, by="layer", progress=False)
