@@ -119,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", help="the vector's layers to use (default: all)")
     p.add_argument("--positions", default="all", help="all, prompt, generated, last, or a token index")
     p.add_argument("--soft-prompt", help="a soft prompt file to apply")
-    p.add_argument("--no-compare", action="store_true", help="leave out the unsteered text")
+    p.add_argument(
+        "--compare", action=argparse.BooleanOptionalAction, default=True, help="show the unsteered text too"
+    )
     _generation_options(p)
     model_options(p)
 
@@ -219,7 +221,7 @@ def _generate(args) -> None:
     if not items and soft is None:
         raise SteerValueError("Nothing to steer with: give --vector FILE and/or --soft-prompt FILE.")
     out = steer.generate(
-        model, args.prompt, *items, soft_prompt=soft, compare=not args.no_compare, **kw, **_gen_kwargs(args)
+        model, args.prompt, *items, soft_prompt=soft, compare=args.compare, **kw, **_gen_kwargs(args)
     )
     print(out)
 

@@ -71,6 +71,9 @@ def test_generate_prints_the_same_texts_as_the_api(run, smollm, sentiment, tmp_p
                           "--max-new-tokens", 10)  # fmt: skip
     api = steer.generate(smollm, prompt, sentiment, coeffs=[-8, 8], layers=10, max_new_tokens=10)
     assert status == 0 and text.strip() == str(api)
+    status, text, _ = run("generate", prompt, "--vector", path, "--coeff", 8, "--layers", 10,
+                          "--max-new-tokens", 10, "--no-compare")  # fmt: skip
+    assert status == 0 and "unsteered" not in text and "coeff +8" in text
 
 
 def test_sweep_writes_a_table_and_a_figure(run, tmp_path):
