@@ -1,95 +1,101 @@
-"""steer: activation steering for PyTorch language models on TransformerLens."""
+"""steer: activation steering for PyTorch language models on TransformerLens.
 
-from steer.attention import AttentionMaps, Emphasis, HeadProfile, attention_maps, profile_heads
-from steer.errors import SteerError, SteerTypeError, SteerValueError
-from steer.evaluate import (
-    ab_behaviour,
-    completion_behaviour,
-    layer_scan,
-    neutral_text,
-    projections,
-    score,
-    score_generations,
-    side_effects,
-    sweep,
-)
-from steer.extract import extract
-from steer.generate import Generation, Generations, generate
-from steer.hooks import read
-from steer.interop import read_control_vector, write_control_vector
-from steer.metrics import answer_prob, logit_diff
-from steer.model import load_model
-from steer.patching import PatchResult, attribution_patch, causal_trace, patch
-from steer.prompts import (
-    ABItem,
-    ContrastivePair,
-    PatchingPrompts,
-    Tokens,
-    ab_items,
-    ab_pairs,
-    chat_prompt,
-    example_ab_items,
-    example_ioi,
-    example_pairs,
-    load_pairs,
-    pairs_from,
-    split,
-    tokenize,
-)
-from steer.soft_prompt import SoftPrompt, Training, train_soft_prompt
-from steer.steering import Intervention, steering
-from steer.vector import SteeringVector
+The public API, re-exported from the modules that hold it. Names load on first use, so ``import steer``
+and the ``steer`` command start without importing torch and TransformerLens until they are needed.
+"""
 
-__all__ = [
-    "ABItem",
-    "AttentionMaps",
-    "ContrastivePair",
-    "Emphasis",
-    "Generation",
-    "Generations",
-    "HeadProfile",
-    "Intervention",
-    "PatchResult",
-    "PatchingPrompts",
-    "SoftPrompt",
-    "SteerError",
-    "SteerTypeError",
-    "SteerValueError",
-    "SteeringVector",
-    "Tokens",
-    "Training",
-    "ab_behaviour",
-    "ab_items",
-    "ab_pairs",
-    "answer_prob",
-    "attention_maps",
-    "attribution_patch",
-    "causal_trace",
-    "chat_prompt",
-    "completion_behaviour",
-    "example_ab_items",
-    "example_ioi",
-    "example_pairs",
-    "extract",
-    "generate",
-    "layer_scan",
-    "load_model",
-    "load_pairs",
-    "logit_diff",
-    "neutral_text",
-    "pairs_from",
-    "patch",
-    "profile_heads",
-    "projections",
-    "read",
-    "read_control_vector",
-    "score",
-    "score_generations",
-    "side_effects",
-    "split",
-    "steering",
-    "sweep",
-    "tokenize",
-    "train_soft_prompt",
-    "write_control_vector",
-]
+import importlib
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "attention": (
+        "AttentionMaps",
+        "Emphasis",
+        "HeadProfile",
+        "attention_maps",
+        "profile_heads",
+    ),
+    "errors": (
+        "SteerError",
+        "SteerTypeError",
+        "SteerValueError",
+    ),
+    "evaluate": (
+        "ab_behaviour",
+        "completion_behaviour",
+        "layer_scan",
+        "neutral_text",
+        "projections",
+        "score",
+        "score_generations",
+        "side_effects",
+        "sweep",
+    ),
+    "extract": ("extract",),
+    "generate": (
+        "Generation",
+        "Generations",
+        "generate",
+    ),
+    "hooks": ("read",),
+    "interop": (
+        "read_control_vector",
+        "write_control_vector",
+    ),
+    "metrics": (
+        "answer_prob",
+        "logit_diff",
+    ),
+    "model": ("load_model",),
+    "patching": (
+        "PatchResult",
+        "attribution_patch",
+        "causal_trace",
+        "patch",
+    ),
+    "prompts": (
+        "ABItem",
+        "ContrastivePair",
+        "PatchingPrompts",
+        "Tokens",
+        "ab_items",
+        "ab_pairs",
+        "chat_prompt",
+        "example_ab_items",
+        "example_ioi",
+        "example_pairs",
+        "load_pairs",
+        "pairs_from",
+        "split",
+        "tokenize",
+    ),
+    "soft_prompt": (
+        "SoftPrompt",
+        "Training",
+        "train_soft_prompt",
+    ),
+    "steering": (
+        "Intervention",
+        "steering",
+    ),
+    "vector": ("SteeringVector",),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"steer.{_HOME[name]}"), name)
+    else:
+        try:  # a submodule, e.g. steer.positions
+            value = importlib.import_module(f"steer.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"steer.{name}":
+                raise
+            raise AttributeError(f"module 'steer' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
