@@ -129,3 +129,13 @@ def test_prompt_tune_and_emphasize(run, smollm, tmp_path):
 def test_user_errors_exit_2_with_one_line(run, argv, message):
     status, _, err = run(*argv)
     assert status == 2 and message in err and err.strip().count("\n") == 0
+
+
+def test_the_command_starts_without_importing_torch_and_every_public_name_resolves():
+    code = "import sys, steer.cli; steer.cli._parser(); print('torch' in sys.modules, 'transformer_lens' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
+    for name in steer.__all__:
+        assert getattr(steer, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        steer.nothing  # noqa: B018
