@@ -5,6 +5,8 @@ and the ``steer`` command start without importing torch and TransformerLens unti
 """
 
 import importlib
+import sys
+import types
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "attention": (
@@ -99,3 +101,15 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing steer.extract makes Python set the attribute steer.extract to that submodule; the
+        # function of the same name stays the public one, as an eager re-export would leave it.
+        if name in _HOME and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

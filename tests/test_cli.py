@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,12 @@ def test_the_command_starts_without_importing_torch_and_every_public_name_resolv
     code = "import sys, steer.cli; steer.cli._parser(); print('torch' in sys.modules, 'transformer_lens' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]
+    # Importing a submodule must not replace the public function of the same name.
+    import steer.extract
+    import steer.generate
+
     for name in steer.__all__:
-        assert getattr(steer, name) is not None
+        assert not isinstance(getattr(steer, name), types.ModuleType), name
+    assert callable(steer.extract) and callable(steer.generate)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         steer.nothing  # noqa: B018
