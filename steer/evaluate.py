@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from steer.errors import SteerError, SteerValueError
 from steer.extract import probe_direction
 from steer.generate import generate
-from steer.hooks import attach, cache_rows, read, resume, trunk
+from steer.hooks import active, attach, cache_rows, read, resume, trunk
 from steer.positions import CallState, Selector, is_per_row
 from steer.prompts import ContrastivePair, Tokens, ab_items, chat_prompt, pad, pairs_from, tokenize
 from steer.soft_prompt import SoftPrompt
@@ -154,6 +154,7 @@ def side_effects(
     """KL divergence from the unsteered model and perplexity on ``texts`` (default ``neutral_text()``),
     under the given interventions and with ``soft_prompt`` in front of each text, if given; both are
     measured on the texts' own tokens."""
+    _warn_if_steered(model, "side_effects")
     neutral = _Neutral.build(model, texts, batch_size)
     kls, nlls = [], []
     with steering(model, *interventions) if interventions else contextlib.nullcontext():
@@ -164,6 +165,18 @@ def side_effects(
     return SideEffects(
         torch.cat(kls).mean().item(), math.exp(torch.cat(nlls).mean().item()), len(neutral.texts)
     )
+
+
+def _warn_if_steered(model, what: str) -> None:
+    """Both sides of a comparison with the unsteered model would be steered inside another context."""
+    running = active(model)
+    if running:
+        warnings.warn(
+            f"{what} ran while {', '.join(running)} was active on the model, so its 'unsteered' reference "
+            f"is steered too and the KL divergence measures nothing; call {what} outside the 'with' block "
+            "and pass the interventions to it instead.",
+            stacklevel=3,
+        )
 
 
 @dataclass(frozen=True)
@@ -282,6 +295,7 @@ def sweep(
     vectors = {"vector": vectors} if isinstance(vectors, SteeringVector) else dict(vectors)
     if not vectors:
         raise SteerValueError("No vectors to sweep.")
+    _warn_if_steered(model, "sweep")
     coeffs = [float(c) for c in coeffs]
     if not coeffs or not all(math.isfinite(c) for c in coeffs):
         raise SteerValueError("coeffs must be a non-empty list of finite numbers.")

@@ -122,6 +122,12 @@ def _tracking(model) -> Iterator[_Tracker]:
             del _trackers[model]
 
 
+def active(model) -> list[str]:
+    """What steer has attached to ``model`` right now (the features' names), empty when nothing."""
+    tracker = _trackers.get(model)
+    return sorted({watch.what for watch in tracker.watches}) if tracker else []
+
+
 @contextlib.contextmanager
 def paused(model) -> Iterator[None]:
     """Inside the block, every hook steer attached to ``model`` passes its activation through unchanged,

@@ -1,7 +1,9 @@
+
 """Evaluation: scores against hand computations, KL, sweeps against one-cell-at-a-time runs, best(), bad input."""
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -53,6 +55,18 @@ def test_kl_is_zero_at_coefficient_zero_and_grows(smollm, sentiment):
     assert 0 < kls[0] < kls[1] < kls[2]
     plain = ev.side_effects(smollm)
     assert plain.kl == 0.0 and 1 < plain.perplexity < 1000 and plain.n_texts == 20
+
+
+def test_measuring_cost_inside_a_steering_block_warns(smollm, sentiment):
+    texts = steer.neutral_text()[:2]
+    with steer.steering(smollm, sentiment, coeff=4.0, layers=[10]):
+        with pytest.warns(UserWarning, match="call side_effects outside the 'with' block"):
+            inside = steer.side_effects(smollm, texts=texts)
+    assert inside.kl == pytest.approx(0.0, abs=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outside = steer.side_effects(smollm, steer.Intervention(sentiment, 4.0, [10]), texts=texts)
+    assert outside.kl > 0.01
 
 
 def test_sweep_equals_cells_computed_one_at_a_time(smollm, sentiment):
