@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steer.attention import Emphasis, check_editable
+from steer.attention import Emphasis
 from steer.errors import SteerTypeError, SteerValueError
 from steer.positions import Selector, is_per_row
 from steer.prompts import chat_prompt, tokenize
@@ -164,7 +164,6 @@ def generate(
         if soft_prompt is not None:  # the virtual tokens sit inside the steered rows' prompts
             at, blank = soft_prompt.offset(model), [False] * soft_prompt.n
             masks = [m[:at] + blank + m[at:] if s else m for m, s in zip(masks, steered)]
-        check_editable(model, next(iter(emphases[0].head_map(model))))
         emphasis = emphases[0].hooked(model, [m if s else None for m, s in zip(masks, steered)])
     per_row_positions = [positions if s else None for s in steered]
 
