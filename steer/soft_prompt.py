@@ -33,7 +33,7 @@ from steer.errors import SteerTypeError, SteerValueError
 from steer.hooks import attach, forward_last
 from steer.positions import CallState, select
 from steer.prompts import ContrastivePair, Tokens, pad
-from steer.vector import read_file, write_file
+from steer.vector import read_file, read_steer_file, write_file
 
 FORMAT = "steer.soft_prompt"
 FORMAT_VERSION = 1
@@ -313,17 +313,9 @@ class SoftPrompt:
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> SoftPrompt:
         """Read a file written by ``save``; with ``model``, also check that it fits."""
-        header, tensors = read_file(path, "soft prompt")
-        if header.get("format") != FORMAT:
-            raise SteerValueError(
-                f"{path} is a safetensors file but not a steer soft prompt (no '{FORMAT}' metadata). "
-                "For PEFT adapters use SoftPrompt.from_peft(folder)."
-            )
-        if int(header.get("version", 0)) > FORMAT_VERSION:
-            raise SteerValueError(
-                f"{path} was written by a newer steer (format {header['version']}); upgrade steer."
-            )
-        meta = json.loads(header["steer"])
+        meta, tensors = read_steer_file(
+            path, "soft prompt", FORMAT, FORMAT_VERSION, "For PEFT adapters use SoftPrompt.from_peft(folder)."
+        )
         if "embeddings" not in tensors:
             raise SteerValueError(f"{path} has no 'embeddings' tensor; it is not a soft prompt.")
         deep = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("deep.")}

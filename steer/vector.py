@@ -185,17 +185,13 @@ class SteeringVector:
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> SteeringVector:
         """Read a file written by ``save``; with ``model``, also check the vector fits it."""
-        header, tensors = read_file(path, "steering vector")
-        if header.get("format") != FORMAT:
-            raise SteerValueError(
-                f"{path} is a safetensors file but not a steer steering vector (no '{FORMAT}' metadata). "
-                "Save vectors with SteeringVector.save; for llama.cpp GGUF control vectors use steer.interop."
-            )
-        if int(header.get("version", 0)) > FORMAT_VERSION:
-            raise SteerValueError(
-                f"{path} was written by a newer steer (format {header['version']}); upgrade steer."
-            )
-        meta = json.loads(header["steer"])
+        meta, tensors = read_steer_file(
+            path,
+            "steering vector",
+            FORMAT,
+            FORMAT_VERSION,
+            "Save vectors with SteeringVector.save; for llama.cpp GGUF control vectors use steer.interop.",
+        )
         directions = {}
         for key, tensor in tensors.items():
             if not re.fullmatch(r"layer\.\d+", key):
@@ -270,6 +266,23 @@ def read_file(path: str | os.PathLike, what: str) -> tuple[dict, dict[str, torch
             return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise SteerValueError(f"{path} is not a safetensors file ({err}); is it a {what}?") from err
+
+
+def read_steer_file(
+    path: str | os.PathLike, what: str, kind: str, version: int, hint: str
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(JSON metadata, tensors)`` of a file ``write_file`` tagged ``kind``, refusing other safetensors
+    files (``hint`` says where those belong) and files from a newer format ``version``."""
+    header, tensors = read_file(path, what)
+    if header.get("format") != kind:
+        raise SteerValueError(
+            f"{path} is a safetensors file but not a steer {what} (no '{kind}' metadata). {hint}"
+        )
+    if int(header.get("version", 0)) > version:
+        raise SteerValueError(
+            f"{path} was written by a newer steer (format {header['version']}); upgrade steer."
+        )
+    return json.loads(header["steer"]), tensors
 
 
 def _compact(layers: list[int]) -> str:
